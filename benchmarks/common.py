@@ -1,0 +1,137 @@
+"""Shared helpers for the benchmark scripts: timing, peak memory, tables, JSON and PNG output.
+
+Each measurement runs in a fresh spawned process, so the peak resident memory it reports belongs to
+that one measurement and the timings of one candidate are not disturbed by another's allocations.
+Ratios are always computed between candidates measured in the same run of the same script.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+OUT_DIR = Path(__file__).resolve().parent / "out"
+
+
+def _rss_mib() -> float:
+    """Current resident set size of this process, in MiB."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _worker(queue, setup: Callable, args: tuple, repeats: int, warmup: int, threads: int) -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        step = setup(*args)  # builds model and inputs; returns a zero-argument callable
+        base = _rss_mib()
+        for _ in range(warmup):
+            step()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+        queue.put({"ok": True, "time_s": statistics.median(times), "times_s": times,
+                   "peak_mib": max(peak - base, 0.0)})
+    except Exception as exc:  # reported to the parent, which records the failure in the table
+        queue.put({"ok": False, "error": f"{type(exc).__name__}: {exc}",
+                   "trace": traceback.format_exc(limit=3)})
+
+
+def measure(setup: Callable, *args: Any, repeats: int = 5, warmup: int = 1, threads: int = 2,
+            timeout_s: float = 1800.0) -> dict:
+    """Run ``setup(*args)()`` ``warmup + repeats`` times in a fresh process.
+
+    ``setup`` must be a module-level function (it is pickled by reference). It builds what the step needs
+    and returns the step. Returns ``{"ok", "time_s" (median), "times_s", "peak_mib"}`` where ``peak_mib``
+    is the peak resident memory above the level reached once the model and inputs existed, or
+    ``{"ok": False, "error": ...}`` when the step failed (an exception or out of memory).
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_worker, args=(queue, setup, args, repeats, warmup, threads))
+    proc.start()
+    try:
+        result = queue.get(timeout=timeout_s)
+    except Exception:
+        result = {"ok": False, "error": f"no result (exit code {proc.exitcode}; killed or timed out)"}
+    proc.join(timeout=10)
+    if proc.is_alive():
+        proc.kill()
+    return result
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den == 0:
+        return None
+    return num / den
+
+
+def fmt(value: float | None, spec: str = ".3g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(rows: list[dict], columns: list[str]) -> str:
+    """Print rows as an aligned text table; returns the text."""
+    cells = [[str(c) for c in columns]] + [[str(r.get(c, "-")) for c in columns] for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = ["  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def write_json(name: str, payload: dict, out_dir: Path = OUT_DIR) -> Path:
+    """Write ``payload`` to ``out_dir/name.json`` atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def plot_lines(name: str, x: list, series: dict[str, list], xlabel: str, ylabels: tuple[str, ...],
+               panels: tuple[str, ...], title: str, out_dir: Path = OUT_DIR, logy: bool = True) -> Path:
+    """One PNG with one panel per metric: ``series[panel][label] -> values over x`` (None = not run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, panel, ylabel in zip(axes[0], panels, ylabels):
+        for label, values in series[panel].items():
+            pts = [(xi, v) for xi, v in zip(x, values) if v is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if logy:
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = out_dir / f"{name}.png"
+    tmp = out_dir / f".{name}.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
