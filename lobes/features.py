@@ -1,0 +1,417 @@
+"""Batched Kaldi-compatible filterbank features and length / mask utilities.
+
+``kaldi_fbank`` computes ``torchaudio.compliance.kaldi.fbank`` for a whole batch ``(B, T)`` at once on
+the input's device: frames are strided views of the batch, the window, the mel matrix and the
+pre-emphasis are applied with batched tensor ops, and the mel matrix and window are cached per
+(options, device, dtype). Rows may have their own lengths; frames past a row's end are reported by
+:func:`num_frames` and filled with ``padding_value``, and every frame inside a row equals the frame
+torchaudio computes for that row alone (Kaldi frames only look at their own samples).
+
+Length conventions used across ``lobes``:
+
+* relative lengths (SpeechBrain's ``wav_lens``) are floats in ``(0, 1]``, a fraction of the padded length;
+* absolute lengths are integer counts (samples or frames);
+* a *mask* is ``True`` where a position is valid; a *padding mask* is ``True`` where it is padding.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "KALDI_WINDOW_TYPES",
+    "kaldi_fbank",
+    "lengths_to_mask",
+    "lengths_to_padding_mask",
+    "num_frames",
+    "relative_to_absolute",
+    "to_sample_lengths",
+]
+
+KALDI_WINDOW_TYPES = ("hamming", "hanning", "povey", "rectangular", "blackman")
+
+# numeric_limits<float>::epsilon(), the floor Kaldi (and torchaudio) put under the mel energies
+_EPSILON = torch.finfo(torch.float32).eps
+
+
+# --------------------------------------------------------------------------------------------------
+# length / mask utilities
+# --------------------------------------------------------------------------------------------------
+def relative_to_absolute(wav_lens: Tensor, max_len: int) -> Tensor:
+    """Convert relative lengths in ``(0, 1]`` to integer lengths (rounded, like SpeechBrain).
+
+    Arguments
+    ---------
+    wav_lens : torch.Tensor
+        Relative lengths, shape ``(B,)``, floating point, each in ``(0, 1]``.
+    max_len : int
+        The padded length the fractions refer to.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B,)`` int64 lengths in ``[0, max_len]``.
+
+    Example
+    -------
+    >>> relative_to_absolute(torch.tensor([1.0, 0.5, 0.25]), 16000)
+    tensor([16000,  8000,  4000])
+    """
+    if not torch.is_tensor(wav_lens) or not wav_lens.is_floating_point():
+        raise TypeError("relative lengths must be a floating-point tensor of shape (B,) with values in (0, 1]")
+    return torch.round(wav_lens.double() * max_len).long().clamp_(0, max_len)
+
+
+def to_sample_lengths(lengths: Tensor | None, batch: int, max_len: int, device=None) -> Tensor:
+    """Normalise a lengths argument to integer sample counts.
+
+    A floating-point tensor is read as relative lengths in ``(0, 1]``; an integer tensor as absolute
+    counts in ``[0, max_len]``; ``None`` means every row is ``max_len`` long.
+
+    Arguments
+    ---------
+    lengths : torch.Tensor or None
+        ``(B,)`` relative (float) or absolute (integer) lengths.
+    batch : int
+        Expected batch size ``B``.
+    max_len : int
+        Padded length ``T``.
+    device : torch.device, optional
+        Device of the result (default: that of ``lengths``, or CPU).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B,)`` int64 lengths.
+
+    Example
+    -------
+    >>> to_sample_lengths(torch.tensor([1.0, 0.5]), 2, 800)
+    tensor([800, 400])
+    >>> to_sample_lengths(torch.tensor([800, 123]), 2, 800)
+    tensor([800, 123])
+    """
+    if lengths is None:
+        return torch.full((batch,), max_len, dtype=torch.long, device=device)
+    if not torch.is_tensor(lengths):
+        raise TypeError(f"lengths must be a tensor of shape ({batch},), got {type(lengths).__name__}")
+    if lengths.dim() != 1 or lengths.shape[0] != batch:
+        raise ValueError(f"lengths must have shape ({batch},) (one per row), got {tuple(lengths.shape)}")
+    if lengths.is_floating_point():
+        if not torch.isfinite(lengths).all() or (lengths <= 0).any() or (lengths > 1.0 + 1e-6).any():
+            raise ValueError(
+                "relative lengths must lie in (0, 1] (a fraction of the padded length), got "
+                f"{lengths.tolist()}; pass an integer tensor for lengths in samples"
+            )
+        out = relative_to_absolute(lengths, max_len)
+    elif lengths.dtype == torch.bool or lengths.is_complex():
+        raise TypeError(f"lengths must be float (relative) or integer (absolute), got {lengths.dtype}")
+    else:
+        if (lengths < 0).any() or (lengths > max_len).any():
+            raise ValueError(f"absolute lengths must lie in [0, {max_len}], got {lengths.tolist()}")
+        out = lengths.long()
+    return out if device is None else out.to(device)
+
+
+def num_frames(num_samples: Tensor | int, window_size: int = 400, window_shift: int = 160) -> Tensor | int:
+    """Number of Kaldi frames (``snip_edges=True``) in ``num_samples`` samples.
+
+    Arguments
+    ---------
+    num_samples : torch.Tensor or int
+        Sample counts (any shape) or one count.
+    window_size : int
+        Frame length in samples (400 = 25 ms at 16 kHz).
+    window_shift : int
+        Frame shift in samples (160 = 10 ms at 16 kHz).
+
+    Returns
+    -------
+    torch.Tensor or int
+        Frame counts, ``0`` where fewer than ``window_size`` samples.
+
+    Example
+    -------
+    >>> num_frames(torch.tensor([0, 399, 400, 16000]))
+    tensor([ 0,  0,  1, 98])
+    """
+    if torch.is_tensor(num_samples):
+        n = num_samples.long()
+        return torch.where(n >= window_size, 1 + torch.div(n - window_size, window_shift, rounding_mode="floor"), 0)
+    return 0 if num_samples < window_size else 1 + (num_samples - window_size) // window_shift
+
+
+def lengths_to_mask(lengths: Tensor, max_len: int | None = None) -> Tensor:
+    """Boolean mask ``(B, max_len)``, ``True`` at valid positions.
+
+    Arguments
+    ---------
+    lengths : torch.Tensor
+        ``(B,)`` integer lengths.
+    max_len : int, optional
+        Width of the mask (default: ``lengths.max()``).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, max_len)`` bool.
+
+    Example
+    -------
+    >>> lengths_to_mask(torch.tensor([3, 1]), 4)
+    tensor([[ True,  True,  True, False],
+            [ True, False, False, False]])
+    """
+    if max_len is None:
+        max_len = int(lengths.max()) if lengths.numel() else 0
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def lengths_to_padding_mask(lengths: Tensor, max_len: int | None = None) -> Tensor:
+    """Boolean padding mask ``(B, max_len)``, ``True`` at padded positions (the complement of
+    :func:`lengths_to_mask`).
+
+    Arguments
+    ---------
+    lengths : torch.Tensor
+        ``(B,)`` integer lengths.
+    max_len : int, optional
+        Width of the mask (default: ``lengths.max()``).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, max_len)`` bool.
+
+    Example
+    -------
+    >>> lengths_to_padding_mask(torch.tensor([3, 1]), 4).shape
+    torch.Size([2, 4])
+    """
+    return ~lengths_to_mask(lengths, max_len)
+
+
+# --------------------------------------------------------------------------------------------------
+# fbank internals
+# --------------------------------------------------------------------------------------------------
+def _mel(freq):
+    return 1127.0 * torch.log(1.0 + freq / 700.0)
+
+
+@lru_cache(maxsize=32)
+def _mel_matrix_cpu(num_bins: int, padded: int, sample_frequency: float, low_freq: float,
+                    high_freq: float) -> Tensor:
+    """Triangular mel filters ``(padded // 2 + 1, num_bins)`` as Kaldi builds them (last FFT bin unused)."""
+    nyquist = 0.5 * sample_frequency
+    if high_freq <= 0.0:
+        high_freq += nyquist
+    if not (0.0 <= low_freq < nyquist and 0.0 < high_freq <= nyquist and low_freq < high_freq):
+        raise ValueError(
+            f"expected 0 <= low_freq < high_freq <= Nyquist ({nyquist} Hz), got low_freq={low_freq}, "
+            f"high_freq={high_freq}"
+        )
+    mel_low = 1127.0 * math.log(1.0 + low_freq / 700.0)
+    mel_high = 1127.0 * math.log(1.0 + high_freq / 700.0)
+    delta = (mel_high - mel_low) / (num_bins + 1)
+    b = torch.arange(num_bins).unsqueeze(1)
+    left = mel_low + b * delta  # (num_bins, 1)
+    center = mel_low + (b + 1.0) * delta
+    right = mel_low + (b + 2.0) * delta
+    mel = _mel((sample_frequency / padded) * torch.arange(padded // 2)).unsqueeze(0)  # (1, padded/2)
+    up = (mel - left) / (center - left)
+    down = (right - mel) / (right - center)
+    banks = torch.clamp(torch.minimum(up, down), min=0.0)  # (num_bins, padded/2)
+    banks = torch.nn.functional.pad(banks, (0, 1))  # Nyquist bin gets no weight
+    return banks.t().contiguous()  # (padded/2 + 1, num_bins)
+
+
+def _window_cpu(window_type: str, size: int, blackman_coeff: float) -> Tensor:
+    """Window in float64 (cast to the compute dtype by the caller, as Kaldi builds it in that dtype)."""
+    f64 = torch.float64
+    if window_type == "hanning":
+        return torch.hann_window(size, periodic=False, dtype=f64)
+    if window_type == "hamming":
+        return torch.hamming_window(size, periodic=False, alpha=0.54, beta=0.46, dtype=f64)
+    if window_type == "povey":
+        return torch.hann_window(size, periodic=False, dtype=f64).pow(0.85)
+    if window_type == "rectangular":
+        return torch.ones(size, dtype=f64)
+    if window_type == "blackman":
+        a = 2 * math.pi / (size - 1)
+        n = torch.arange(size, dtype=f64)
+        return blackman_coeff - 0.5 * torch.cos(a * n) + (0.5 - blackman_coeff) * torch.cos(2 * a * n)
+    raise ValueError(f"unknown window_type {window_type!r}; expected one of {KALDI_WINDOW_TYPES}")
+
+
+_DEVICE_CACHE: dict = {}
+
+
+def _cached(kind: str, key: tuple, device: torch.device, dtype: torch.dtype, build) -> Tensor:
+    full = (kind, key, str(device), dtype)
+    hit = _DEVICE_CACHE.get(full)
+    if hit is None:
+        if len(_DEVICE_CACHE) > 64:
+            _DEVICE_CACHE.clear()
+        hit = build().to(device=device, dtype=dtype)
+        _DEVICE_CACHE[full] = hit
+    return hit
+
+
+def _check_waveforms(waveforms: Tensor) -> None:
+    if not torch.is_tensor(waveforms):
+        raise TypeError(f"waveforms must be a tensor of shape (B, T), got {type(waveforms).__name__}")
+    if not waveforms.is_floating_point():
+        raise TypeError(
+            f"waveforms must be floating point (B, T), got {waveforms.dtype}; convert integer PCM first, "
+            "e.g. wav.float() / 32768"
+        )
+    if waveforms.dim() != 2:
+        raise ValueError(
+            f"waveforms must have shape (B, T) (one mono signal per row), got {tuple(waveforms.shape)}; "
+            "mix or select channels first"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# public fbank
+# --------------------------------------------------------------------------------------------------
+def kaldi_fbank(
+    waveforms: Tensor,
+    lengths: Tensor | None = None,
+    *,
+    num_mel_bins: int = 23,
+    sample_frequency: float = 16000.0,
+    frame_length: float = 25.0,
+    frame_shift: float = 10.0,
+    window_type: str = "povey",
+    blackman_coeff: float = 0.42,
+    preemphasis_coefficient: float = 0.97,
+    remove_dc_offset: bool = True,
+    dither: float = 0.0,
+    low_freq: float = 20.0,
+    high_freq: float = 0.0,
+    use_log_fbank: bool = True,
+    use_power: bool = True,
+    round_to_power_of_two: bool = True,
+    subtract_mean: bool = False,
+    snip_edges: bool = True,
+    use_energy: bool = False,
+    vtln_warp: float = 1.0,
+    padding_value: float = 0.0,
+) -> Tensor:
+    """Kaldi log-mel filterbank of a batch, equal per row to ``torchaudio.compliance.kaldi.fbank``.
+
+    All rows are processed together on the waveforms' device (no loop over rows). Defaults are
+    torchaudio's; BEATs uses ``num_mel_bins=128`` with the other defaults on ``wav * 2**15``.
+    Half-precision input is computed in float32 (the result is float32); float64 stays float64.
+    Autocast is disabled inside, so reduced-precision regions do not lower the fbank's precision.
+
+    Arguments
+    ---------
+    waveforms : torch.Tensor
+        ``(B, T)`` floating-point mono signals.
+    lengths : torch.Tensor, optional
+        ``(B,)`` valid lengths: float = relative in ``(0, 1]``, integer = samples. Frames that do not
+        fit inside a row's length are set to ``padding_value``; ``num_frames(lengths_in_samples)`` gives
+        the per-row frame count.
+    num_mel_bins, sample_frequency, frame_length, frame_shift, window_type, blackman_coeff, \
+preemphasis_coefficient, remove_dc_offset, dither, low_freq, high_freq, use_log_fbank, use_power, \
+round_to_power_of_two, subtract_mean : see ``torchaudio.compliance.kaldi.fbank``
+        ``subtract_mean`` subtracts each row's mean over its valid frames.
+    snip_edges, use_energy, vtln_warp
+        Only ``snip_edges=True``, ``use_energy=False`` and ``vtln_warp=1.0`` are supported; other values
+        raise ``ValueError``.
+    padding_value : float
+        Value written to frames past a row's length.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, frames, num_mel_bins)`` with ``frames = num_frames(T, window, shift)`` (0 when ``T`` is
+        shorter than one window).
+
+    Example
+    -------
+    >>> wav = torch.randn(3, 16000)
+    >>> feats = kaldi_fbank(wav * 2**15, num_mel_bins=128)
+    >>> feats.shape
+    torch.Size([3, 98, 128])
+    """
+    _check_waveforms(waveforms)
+    if not snip_edges:
+        raise ValueError("kaldi_fbank supports snip_edges=True only (frames that fit entirely in the signal)")
+    if use_energy:
+        raise ValueError("kaldi_fbank does not support use_energy=True (no energy column); use torchaudio's fbank")
+    if vtln_warp != 1.0:
+        raise ValueError(f"kaldi_fbank supports vtln_warp=1.0 only, got {vtln_warp}")
+    if window_type not in KALDI_WINDOW_TYPES:
+        raise ValueError(f"unknown window_type {window_type!r}; expected one of {KALDI_WINDOW_TYPES}")
+    if num_mel_bins <= 3:
+        raise ValueError(f"num_mel_bins must be > 3, got {num_mel_bins}")
+    if not 0.0 <= preemphasis_coefficient <= 1.0:
+        raise ValueError(f"preemphasis_coefficient must lie in [0, 1], got {preemphasis_coefficient}")
+    if sample_frequency <= 0:
+        raise ValueError(f"sample_frequency must be > 0, got {sample_frequency}")
+    window_shift = int(sample_frequency * frame_shift * 0.001)
+    window_size = int(sample_frequency * frame_length * 0.001)
+    if window_size < 2 or window_shift < 1:
+        raise ValueError(
+            f"frame_length / frame_shift give {window_size} / {window_shift} samples; expected >= 2 / >= 1"
+        )
+    padded = 1 << (window_size - 1).bit_length() if round_to_power_of_two else window_size
+    if padded % 2:
+        raise ValueError(
+            f"the padded window ({padded} samples) must be even: use round_to_power_of_two or another frame_length"
+        )
+
+    B, T = waveforms.shape
+    device = waveforms.device
+    dtype = torch.float64 if waveforms.dtype == torch.float64 else torch.float32
+    sample_lens = to_sample_lengths(lengths, B, T, device=device) if lengths is not None else None
+    M = num_frames(T, window_size, window_shift)
+    if M == 0:
+        return waveforms.new_zeros((B, 0, num_mel_bins), dtype=dtype)
+
+    with torch.autocast(device.type, enabled=False):
+        x = waveforms.to(dtype)
+        frames = x.unfold(1, window_size, window_shift)  # (B, M, window) strided view, no copy
+        if dither != 0.0:
+            frames = frames + torch.randn_like(frames) * dither
+        if remove_dc_offset:
+            frames = frames - frames.mean(dim=-1, keepdim=True)
+        window = _cached("window", (window_type, window_size, blackman_coeff), device, dtype,
+                         lambda: _window_cpu(window_type, window_size, blackman_coeff))
+        buf = x.new_empty((B, M, padded))  # (B, M, padded)
+        buf[..., window_size:] = 0.0  # FFT zero padding (only the tail is cleared)
+        if preemphasis_coefficient != 0.0:
+            # y[n] = x[n] - c * x[n-1], with x[-1] := x[0] (Kaldi's replicate padding)
+            torch.sub(frames[..., 1:], frames[..., :-1], alpha=preemphasis_coefficient, out=buf[..., 1:window_size])
+            buf[..., 0] = frames[..., 0] * (1.0 - preemphasis_coefficient)
+            buf[..., :window_size] *= window
+        else:
+            torch.mul(frames, window, out=buf[..., :window_size])
+        re, im = torch.view_as_real(torch.fft.rfft(buf)).unbind(-1)  # each (B, M, padded/2 + 1)
+        power = torch.mul(re, re).addcmul_(im, im)  # |X|^2 without a size-2 reduction
+        if not use_power:
+            power = power.sqrt()
+        mel = _cached("mel", (num_mel_bins, padded, float(sample_frequency), float(low_freq), float(high_freq)),
+                      device, dtype,
+                      lambda: _mel_matrix_cpu(num_mel_bins, padded, float(sample_frequency), float(low_freq),
+                                              float(high_freq)))
+        feats = torch.matmul(power, mel)  # (B, M, num_mel_bins)
+        if use_log_fbank:
+            feats = feats.clamp_min_(_EPSILON).log_()
+        if sample_lens is not None:
+            valid = lengths_to_mask(num_frames(sample_lens, window_size, window_shift), M)  # (B, M)
+            if subtract_mean:
+                count = valid.sum(1, keepdim=True).clamp_min(1).unsqueeze(-1)  # (B, 1, 1)
+                mean = (feats * valid.unsqueeze(-1)).sum(1, keepdim=True) / count
+                feats = feats - mean
+            feats = feats.masked_fill(~valid.unsqueeze(-1), padding_value)
+        elif subtract_mean:
+            feats = feats - feats.mean(dim=1, keepdim=True)
+    return feats

@@ -1,0 +1,154 @@
+"""Batched Kaldi fbank against torchaudio's per-utterance ``kaldi.fbank``, and the length / mask utilities."""
+
+import pytest
+import torch
+import torchaudio.compliance.kaldi as ta_kaldi
+
+from lobes.features import (
+    kaldi_fbank,
+    lengths_to_mask,
+    lengths_to_padding_mask,
+    num_frames,
+    relative_to_absolute,
+    to_sample_lengths,
+)
+
+BEATS_OPTS = dict(num_mel_bins=128, sample_frequency=16000, frame_length=25, frame_shift=10)
+TOL = 1e-3  # abs, on log-mel energies
+
+
+def _audio(batch, samples, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(samples) / 16000
+    tone = torch.sin(2 * torch.pi * 440 * t) * 0.3
+    return (torch.randn(batch, samples, generator=g) * 0.05 + tone) * 2**15
+
+
+def _reference(wav, **opts):
+    return torch.stack([ta_kaldi.fbank(w.unsqueeze(0), **opts) for w in wav])
+
+
+def test_beats_options_match_torchaudio():
+    wav = _audio(3, 24000)
+    ours = kaldi_fbank(wav, **BEATS_OPTS)
+    ref = _reference(wav, **BEATS_OPTS)
+    assert ours.shape == ref.shape == (3, 148, 128)
+    assert (ours - ref).abs().max() < TOL
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(num_mel_bins=40, window_type="hamming", frame_length=20, frame_shift=12),
+        dict(num_mel_bins=23, window_type="hanning"),
+        dict(num_mel_bins=64, window_type="blackman", preemphasis_coefficient=0.0, remove_dc_offset=False),
+        dict(num_mel_bins=80, window_type="rectangular", use_power=False, subtract_mean=True),
+        dict(num_mel_bins=80, sample_frequency=8000, low_freq=50, high_freq=-200, round_to_power_of_two=False),
+        dict(num_mel_bins=30, low_freq=100, high_freq=7000, frame_length=32, frame_shift=16),
+    ],
+)
+def test_other_options_match_torchaudio(opts):
+    wav = _audio(2, 12000, seed=1)
+    ours = kaldi_fbank(wav, **opts)
+    ref = _reference(wav, **opts)
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max() < TOL
+
+
+def test_linear_fbank_relative_error():
+    wav = _audio(2, 8000, seed=2)
+    ours = kaldi_fbank(wav, num_mel_bins=40, use_log_fbank=False)
+    ref = _reference(wav, num_mel_bins=40, use_log_fbank=False)
+    rel = (ours - ref).abs() / ref.abs().clamp_min(1e-3)
+    assert rel.max() < 1e-3
+
+
+def test_float64_input_matches_torchaudio_float64():
+    wav = _audio(2, 6000, seed=3).double()
+    ours = kaldi_fbank(wav, **BEATS_OPTS)
+    assert ours.dtype == torch.float64
+    assert (ours - _reference(wav, **BEATS_OPTS)).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_per_row_lengths_equal_rows_alone(relative):
+    wav = _audio(4, 16000, seed=4)
+    samples = torch.tensor([16000, 9999, 400, 2800])
+    lengths = samples.float() / 16000 if relative else samples
+    ours = kaldi_fbank(wav, lengths, padding_value=-7.0, **BEATS_OPTS)
+    counts = num_frames(samples)
+    for i, n in enumerate(samples.tolist()):
+        alone = ta_kaldi.fbank(wav[i : i + 1, :n], **BEATS_OPTS)
+        assert alone.shape[0] == counts[i]
+        assert (ours[i, : counts[i]] - alone).abs().max() < TOL
+        assert (ours[i, counts[i] :] == -7.0).all()
+
+
+def test_subtract_mean_uses_valid_frames_only():
+    wav = _audio(2, 8000, seed=5)
+    samples = torch.tensor([8000, 5000])
+    ours = kaldi_fbank(wav, samples, num_mel_bins=40, subtract_mean=True)
+    m = int(num_frames(5000))
+    alone = ta_kaldi.fbank(wav[1:2, :5000], num_mel_bins=40, subtract_mean=True)
+    assert (ours[1, :m] - alone).abs().max() < TOL
+
+
+def test_short_rows_and_short_batch():
+    wav = _audio(2, 399)
+    assert kaldi_fbank(wav, num_mel_bins=40).shape == (2, 0, 40)
+    wav = _audio(2, 1000)
+    out = kaldi_fbank(wav, torch.tensor([1000, 300]), num_mel_bins=40)
+    assert out.shape == (2, 4, 40)
+    assert (out[1] == 0).all()  # a row shorter than one window has no valid frame
+
+
+def test_half_precision_and_autocast_stay_float32():
+    wav = _audio(2, 4000)
+    ref = kaldi_fbank(wav, **BEATS_OPTS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = kaldi_fbank(wav, **BEATS_OPTS)
+    assert auto.dtype == torch.float32
+    assert (auto - ref).abs().max() < 1e-5
+    half = kaldi_fbank((wav / 2**15).bfloat16() * 2**15, **BEATS_OPTS)
+    assert half.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_matches_cpu():
+    wav = _audio(3, 16000)
+    cpu = kaldi_fbank(wav, **BEATS_OPTS)
+    gpu = kaldi_fbank(wav.cuda(), **BEATS_OPTS)
+    assert gpu.device.type == "cuda"
+    assert (gpu.cpu() - cpu).abs().max() < TOL
+
+
+@pytest.mark.parametrize(
+    "wav, kwargs, err, match",
+    [
+        (torch.zeros(2, 800, dtype=torch.int16), {}, TypeError, "floating point"),
+        (torch.zeros(2, 2, 800), {}, ValueError, r"\(B, T\)"),
+        (torch.zeros(800), {}, ValueError, r"\(B, T\)"),
+        (torch.zeros(2, 800), dict(snip_edges=False), ValueError, "snip_edges"),
+        (torch.zeros(2, 800), dict(use_energy=True), ValueError, "use_energy"),
+        (torch.zeros(2, 800), dict(window_type="kaiser"), ValueError, "window_type"),
+        (torch.zeros(2, 800), dict(vtln_warp=0.9), ValueError, "vtln_warp"),
+        (torch.zeros(2, 800), dict(lengths=torch.tensor([1.0])), ValueError, r"shape \(2,\)"),
+        (torch.zeros(2, 800), dict(lengths=torch.tensor([1.0, 1.5])), ValueError, r"\(0, 1\]"),
+        (torch.zeros(2, 800), dict(lengths=torch.tensor([0.0, 1.0])), ValueError, r"\(0, 1\]"),
+        (torch.zeros(2, 800), dict(lengths=torch.tensor([900, 10])), ValueError, r"\[0, 800\]"),
+        (torch.zeros(2, 800), dict(high_freq=9000.0), ValueError, "Nyquist"),
+    ],
+)
+def test_bad_input_raises_clear_errors(wav, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        kaldi_fbank(wav, **kwargs)
+
+
+def test_length_utilities():
+    assert relative_to_absolute(torch.tensor([1.0, 0.5, 1 / 3]), 3000).tolist() == [3000, 1500, 1000]
+    assert to_sample_lengths(None, 3, 10).tolist() == [10, 10, 10]
+    assert to_sample_lengths(torch.tensor([4, 10]), 2, 10).tolist() == [4, 10]
+    assert num_frames(399) == 0 and num_frames(400) == 1 and num_frames(560) == 2
+    mask = lengths_to_mask(torch.tensor([2, 0, 3]), 3)
+    assert mask.tolist() == [[True, True, False], [False, False, False], [True, True, True]]
+    assert torch.equal(lengths_to_padding_mask(torch.tensor([2, 0, 3]), 3), ~mask)
