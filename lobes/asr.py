@@ -1,0 +1,325 @@
+"""End-to-end ASR model: fbank -> CNN front-end (4x subsampling) -> encoder -> CTC head (+ attention decoder).
+
+The encoder is injected (any module with the :class:`lobes.conformer.ConformerEncoder` call signature), so
+one model class serves HyperConformer, Conformer, Transformer and Primer encoders. Every stage carries the
+number of valid frames and zeroes what lies beyond it, so an utterance decodes the same alone or padded
+inside a batch: per-utterance feature normalisation over valid frames only, a front-end that clears padded
+frames after each strided convolution, and a padding-invariant encoder.
+
+Decoding reuses speechbrain's searchers: :func:`ctc_greedy_decode` wraps
+``speechbrain.decoders.ctc.ctc_greedy_decode``; ``speechbrain.decoders.ctc.CTCBeamSearcher`` takes
+:meth:`ASRModel.ctc_log_probs`, and ``speechbrain.decoders.S2STransformerBeamSearcher`` takes
+``[model, model.seq_lin]`` (``ASRModel.decode`` has the signature it expects).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional, Sequence
+
+import torch
+from speechbrain.lobes.features import Fbank
+from speechbrain.nnet.linear import Linear
+from torch import nn
+
+from lobes.conformer import lengths_to_padding_mask
+
+__all__ = ["ConvFrontEnd", "AttentionDecoder", "ASRModel", "ctc_greedy_decode"]
+
+logger = logging.getLogger(__name__)
+
+
+def _mask_frames(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Zero frames of ``x`` (B, T, ...) at or beyond ``lengths`` (B,)."""
+    keep = ~lengths_to_padding_mask(lengths, x.shape[1])  # (B, T)
+    return x * keep.view(*keep.shape, *([1] * (x.dim() - 2))).to(x.dtype)
+
+
+def ctc_greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor, blank_index: int = 0) -> list[list[int]]:
+    """Best path per utterance with repeats merged and blanks removed.
+
+    Arguments
+    ---------
+    log_probs : torch.Tensor
+        (B, T, V) CTC log-probabilities.
+    lengths : torch.Tensor
+        (B,) valid frames (absolute).
+    blank_index : int
+        Index of the CTC blank.
+
+    Returns
+    -------
+    list[list[int]]
+        Token ids per utterance.
+
+    Example
+    -------
+    >>> lp = torch.log(torch.tensor([[[.1, .9], [.1, .9], [.9, .1], [.1, .9]]]))
+    >>> ctc_greedy_decode(lp, torch.tensor([4]))
+    [[1, 1]]
+    """
+    from speechbrain.decoders.ctc import ctc_greedy_decode as _sb_greedy
+
+    return _sb_greedy(log_probs, lengths.float() / log_probs.shape[1], blank_id=blank_index)
+
+
+class ConvFrontEnd(nn.Module):
+    """Strided 2-D convolutions over (time, mel) that subsample time by ``2 ** len(channels)``.
+
+    Each block is conv (kernel 3, stride 2, zero padding 1) -> per-frame layer norm over (mel, channel) ->
+    LeakyReLU -> dropout, then frames beyond the new valid length are zeroed, which is exactly what the
+    zero padding of the convolution shows an utterance that is alone in its batch.
+
+    Arguments
+    ---------
+    n_mels : int
+        Mel bins F of the input.
+    channels : Sequence[int]
+        Output channels of each block; speechbrain's LibriSpeech recipes use (64, 32).
+    kernel_size : int
+        Odd kernel size of every convolution.
+    dropout : float
+        Dropout after each block.
+    activation : Callable[[], nn.Module]
+        Activation class.
+
+    Example
+    -------
+    >>> fe = ConvFrontEnd(80)
+    >>> out, lens = fe(torch.rand(2, 101, 80), torch.tensor([101, 37]))
+    >>> out.shape, lens.tolist(), fe.output_size
+    (torch.Size([2, 26, 640]), [26, 10], 640)
+    """
+
+    def __init__(self, n_mels: int = 80, channels: Sequence[int] = (64, 32), kernel_size: int = 3,
+                 dropout: float = 0.1, activation: Callable[[], nn.Module] = nn.LeakyReLU):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        self.n_mels = n_mels
+        self.convs, self.norms = nn.ModuleList(), nn.ModuleList()
+        in_ch, freq = 1, n_mels
+        for out_ch in channels:
+            self.convs.append(nn.Conv2d(in_ch, out_ch, kernel_size, stride=2, padding=kernel_size // 2))
+            freq = (freq - 1) // 2 + 1
+            self.norms.append(nn.LayerNorm([freq, out_ch]))
+            in_ch = out_ch
+        self.activation = activation()
+        self.dropout = nn.Dropout(dropout)
+        self.output_size = freq * in_ch
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, F) features and (B,) valid frames -> (B, T', C*F') and (B,) valid frames."""
+        if feats.dim() != 3 or feats.shape[-1] != self.n_mels:
+            raise ValueError(f"expected features of shape (B, T, {self.n_mels}), got {tuple(feats.shape)}")
+        x = _mask_frames(feats, lengths).unsqueeze(1)  # (B, 1, T, F)
+        for conv, norm in zip(self.convs, self.norms):
+            x = conv(x)  # (B, C, T', F')
+            lengths = torch.div(lengths - 1, 2, rounding_mode="floor") + 1
+            x = self.dropout(self.activation(norm(x.permute(0, 2, 3, 1))))  # (B, T', F', C)
+            x = _mask_frames(x, lengths).permute(0, 3, 1, 2)  # (B, C, T', F')
+        x = x.permute(0, 2, 3, 1)  # (B, T', F', C)
+        return x.reshape(x.shape[0], x.shape[1], -1), lengths  # (B, T', F'*C)
+
+
+class AttentionDecoder(nn.Module):
+    """Transformer decoder for joint CTC/attention training: embedding + positions + speechbrain's
+    ``TransformerDecoder`` (pre-norm) + output projection.
+
+    Arguments
+    ---------
+    vocab_size : int
+        Output tokens V.
+    d_model : int
+        Model dimension.
+    num_layers : int
+        Decoder layers.
+    nhead : int
+        Attention heads.
+    d_ffn : int
+        Feed-forward hidden size.
+    pos_encoding : nn.Module
+        Absolute positional encoding returning (1, U, d_model), e.g. ``lobes.attention.PositionalEncoding``.
+    dropout : float
+        Dropout rate.
+    activation : Callable[[], nn.Module]
+        Activation class.
+
+    Example
+    -------
+    >>> from lobes.attention import PositionalEncoding
+    >>> dec = AttentionDecoder(10, 16, 1, 2, 32, PositionalEncoding(16))
+    >>> h, _ = dec(torch.randint(0, 10, (2, 4)), torch.rand(2, 7, 16), torch.tensor([7, 3]))
+    >>> h.shape
+    torch.Size([2, 4, 16])
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, num_layers: int, nhead: int, d_ffn: int,
+                 pos_encoding: nn.Module, dropout: float = 0.1, activation: Callable[[], nn.Module] = nn.GELU):
+        super().__init__()
+        from speechbrain.lobes.models.transformer.Transformer import TransformerDecoder
+
+        self.embedding = nn.Embedding(vocab_size, d_model)
+        self.scale = d_model**0.5
+        self.pos_encoding = pos_encoding
+        self.decoder = TransformerDecoder(num_layers, nhead, d_ffn, d_model, dropout=dropout,
+                                          activation=activation, normalize_before=True)
+        # speechbrain's Linear (weights under ``.w``): its S2S searchers read ``seq_lin.w.out_features``
+        self.seq_lin = Linear(input_size=d_model, n_neurons=vocab_size)
+
+    def forward(self, tokens: torch.Tensor, memory: torch.Tensor,
+                memory_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, U) input tokens, (B, T, D) encoder output, (B,) valid encoder frames ->
+        (B, U, D) hidden states and the last layer's cross-attention weights."""
+        tokens = tokens.long()  # speechbrain's searchers keep their token memory as floats
+        tgt = self.embedding(tokens) * self.scale  # (B, U, D)
+        tgt = tgt + self.pos_encoding(tgt)
+        causal = torch.triu(torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool,
+                                       device=tokens.device), diagonal=1)  # (U, U), True = hidden
+        causal = torch.zeros(causal.shape, device=tokens.device).masked_fill(causal, float("-inf"))
+        mem_pad = lengths_to_padding_mask(memory_lengths.to(memory.device), memory.shape[1])
+        hidden, _, cross = self.decoder(tgt, memory, tgt_mask=causal, memory_key_padding_mask=mem_pad)
+        return hidden, cross[-1]
+
+
+class ASRModel(nn.Module):
+    """fbank -> per-utterance mean/variance normalisation -> :class:`ConvFrontEnd` -> linear -> (absolute
+    positions) -> encoder -> CTC head, with an optional :class:`AttentionDecoder`.
+
+    Arguments
+    ---------
+    encoder : nn.Module
+        Called as ``encoder(x, src_key_padding_mask=mask)`` and returning ``(output, ...)``, e.g.
+        :class:`lobes.conformer.ConformerEncoder`.
+    vocab_size : int
+        Output tokens V (index ``blank_index`` is the CTC blank).
+    d_model : int
+        Encoder dimension.
+    n_mels : int
+        Mel bins.
+    frontend_channels : Sequence[int]
+        Channels of the front-end blocks (each halves the frame rate).
+    dropout : float
+        Dropout after the input projection and in the front-end.
+    pos_encoding : nn.Module, optional
+        Absolute positional encoding added before the encoder (for mixers without their own positions).
+    decoder : AttentionDecoder, optional
+        Attention decoder for joint CTC/attention training.
+    sample_rate : int
+        Expected sample rate of the waveforms.
+    n_fft : int
+        FFT size of the fbank (25 ms at 16 kHz by default); the hop is 10 ms.
+
+    Example
+    -------
+    >>> from lobes.conformer import hyperconformer_encoder
+    >>> model = ASRModel(hyperconformer_encoder(1, 16, 32, 2, kernel_size=3), vocab_size=10, d_model=16)
+    >>> feats, lens = model.features(torch.rand(2, 8000), torch.tensor([1.0, 0.5]))
+    >>> enc, enc_lens = model.encode(feats, lens)
+    >>> model.ctc_log_probs(enc).shape, enc_lens.tolist()
+    (torch.Size([2, 13, 10]), [13, 7])
+    """
+
+    def __init__(self, encoder: nn.Module, vocab_size: int, d_model: int, n_mels: int = 80,
+                 frontend_channels: Sequence[int] = (64, 32), dropout: float = 0.1,
+                 pos_encoding: Optional[nn.Module] = None, decoder: Optional[AttentionDecoder] = None,
+                 sample_rate: int = 16000, n_fft: int = 400):
+        super().__init__()
+        self.sample_rate = sample_rate
+        self.hop_length = sample_rate // 100  # 10 ms
+        self.compute_fbank = Fbank(sample_rate=sample_rate, n_fft=n_fft, n_mels=n_mels)
+        self.frontend = ConvFrontEnd(n_mels, frontend_channels, dropout=dropout)
+        self.proj = nn.Sequential(nn.Linear(self.frontend.output_size, d_model), nn.Dropout(dropout))
+        self.pos_encoding = pos_encoding
+        self.encoder = encoder
+        self.ctc_lin = nn.Linear(d_model, vocab_size)
+        self.decoder = decoder
+
+    @property
+    def seq_lin(self) -> nn.Module:
+        """Output projection of the attention decoder (for speechbrain's S2S searchers)."""
+        if self.decoder is None:
+            raise AttributeError("this ASRModel has no attention decoder")
+        return self.decoder.seq_lin
+
+    def features(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S) waveforms and (B,) relative lengths -> (B, T, n_mels) normalised fbank and (B,) frames.
+
+        Each utterance is normalised with the mean and standard deviation of its own valid frames; padded
+        frames are zero.
+        """
+        if wavs.dim() != 2:
+            raise ValueError(f"expected waveforms of shape (B, samples), got {tuple(wavs.shape)}")
+        if wav_lens.shape != wavs.shape[:1]:
+            raise ValueError(f"expected wav_lens of shape ({wavs.shape[0]},), got {tuple(wav_lens.shape)}")
+        samples = torch.round(wav_lens.float() * wavs.shape[1]).long()
+        lengths = torch.div(samples, self.hop_length, rounding_mode="floor") + 1  # centred frames
+        feats = self.compute_fbank(wavs)  # (B, T, F)
+        lengths = lengths.clamp(max=feats.shape[1])
+        keep = (~lengths_to_padding_mask(lengths, feats.shape[1])).unsqueeze(-1).to(feats.dtype)  # (B, T, 1)
+        n = lengths.view(-1, 1, 1).to(feats.dtype)
+        mean = (feats * keep).sum(1, keepdim=True) / n
+        var = (((feats - mean) * keep) ** 2).sum(1, keepdim=True) / n
+        return (feats - mean) / torch.sqrt(var + 1e-5) * keep, lengths
+
+    def encode(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, n_mels) features and (B,) frames -> (B, T/4, D) encoder output and (B,) valid frames."""
+        x, lengths = self.frontend(feats, lengths)
+        x = self.proj(x)  # (B, T', D)
+        if self.pos_encoding is not None:
+            x = x + self.pos_encoding(x)
+        pad_mask = lengths_to_padding_mask(lengths, x.shape[1])
+        out = self.encoder(x, src_key_padding_mask=pad_mask)
+        out = out[0] if isinstance(out, tuple) else out
+        return out, lengths
+
+    def ctc_log_probs(self, enc: torch.Tensor) -> torch.Tensor:
+        """(B, T', D) -> (B, T', V) CTC log-probabilities."""
+        return torch.log_softmax(self.ctc_lin(enc), dim=-1)
+
+    def decode(self, tokens: torch.Tensor, enc: torch.Tensor,
+               enc_lens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention-decoder states (B, U, D) for input tokens (B, U) given the encoder output (B, T', D)
+        and (B,) absolute valid frames (the signature speechbrain's ``S2STransformerBeamSearcher`` uses)."""
+        if self.decoder is None:
+            raise RuntimeError("this ASRModel has no attention decoder; build it with decoder=AttentionDecoder(...)")
+        if enc_lens is None:
+            enc_lens = torch.full((enc.shape[0],), enc.shape[1], device=enc.device)
+        return self.decoder(tokens, enc, enc_lens.round().long())
+
+    def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor, tokens_bos: Optional[torch.Tensor] = None,
+                feature_augment: Optional[Callable] = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Run the whole model.
+
+        Arguments
+        ---------
+        wavs : torch.Tensor
+            (B, S) waveforms.
+        wav_lens : torch.Tensor
+            (B,) relative lengths.
+        tokens_bos : torch.Tensor, optional
+            (B, U) decoder inputs (BOS + tokens); requires a decoder.
+        feature_augment : Callable, optional
+            Applied to the normalised features as ``feature_augment(feats, relative_lengths)`` (e.g. a
+            speechbrain ``Augmenter`` of ``SpectrogramDrop``); must keep their shape.
+
+        Returns
+        -------
+        tuple
+            CTC log-probs (B, T', V), (B,) valid frames, decoder log-probs (B, U, V) or ``None``.
+        """
+        feats, lengths = self.features(wavs, wav_lens)
+        if feature_augment is not None:
+            augmented = feature_augment(feats, lengths.float() / feats.shape[1])
+            augmented = augmented[0] if isinstance(augmented, tuple) else augmented
+            if augmented.shape != feats.shape:
+                raise ValueError(f"feature_augment must keep the shape {tuple(feats.shape)}, "
+                                 f"got {tuple(augmented.shape)}")
+            feats = augmented
+        enc, lengths = self.encode(feats, lengths)
+        seq = None
+        if tokens_bos is not None:
+            hidden, _ = self.decode(tokens_bos, enc, lengths)
+            seq = torch.log_softmax(self.seq_lin(hidden), dim=-1)
+        return self.ctc_log_probs(enc), lengths, seq

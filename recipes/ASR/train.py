@@ -1,0 +1,278 @@
+#!/usr/bin/env python3
+"""Train a CTC (+ attention) ASR model whose encoder is chosen by the YAML file.
+
+    python recipes/ASR/train.py recipes/ASR/hparams/hyperconformer.yaml
+    python recipes/ASR/train.py recipes/ASR/hparams/conformer.yaml --number_of_epochs=2
+    torchrun --nproc_per_node=2 recipes/ASR/train.py recipes/ASR/hparams/hyperconformer.yaml
+
+``dataset: embedded`` (default) synthesizes an offline corpus with espeak-ng (test voices unseen in
+training), ``librispeech`` reads a LibriSpeech layout, ``csv`` reads any CSVs with ``ID, duration, wav,
+wrd``. The test WER goes to ``<output_folder>/wer.txt`` (per-utterance details) and
+``<output_folder>/test_wer.txt`` (the number); training curves to ``<output_folder>/curves.png``.
+"""
+
+import json
+import logging
+import os
+import sys
+
+import speechbrain as sb
+import torch
+from hyperpyyaml import load_hyperpyyaml
+from speechbrain.tokenizers.SentencePiece import SentencePiece
+import speechbrain.utils.distributed
+from speechbrain.utils.distributed import if_main_process, run_on_main
+
+logger = logging.getLogger(__name__)
+
+DATASETS = ("embedded", "librispeech", "csv")
+
+
+class ASR(sb.Brain):
+    """CTC / joint CTC-attention training; greedy or beam-search CTC decoding for validation and test."""
+
+    def compute_forward(self, batch, stage):
+        batch = batch.to(self.device)
+        wavs, wav_lens = batch.sig
+        tokens_bos = batch.tokens_bos[0] if self.hparams.ctc_weight < 1.0 else None
+        feature_augment = None
+        if stage == sb.Stage.TRAIN:
+            if self.hparams.wav_augment is not None:
+                wavs, wav_lens = self.hparams.wav_augment(wavs, wav_lens)
+            feature_augment = self.hparams.fea_augment
+        return self.modules.model(wavs, wav_lens, tokens_bos, feature_augment=feature_augment)
+
+    def compute_objectives(self, predictions, batch, stage):
+        ctc_lp, enc_lens, seq_lp = predictions
+        tokens, token_lens = batch.tokens
+        loss = self.hparams.ctc_cost(ctc_lp, tokens, enc_lens.float() / ctc_lp.shape[1], token_lens)
+        if seq_lp is not None:
+            tokens_eos, eos_lens = batch.tokens_eos
+            seq_loss = self.hparams.seq_cost(seq_lp, tokens_eos, length=eos_lens)
+            loss = self.hparams.ctc_weight * loss + (1 - self.hparams.ctc_weight) * seq_loss
+        if stage != sb.Stage.TRAIN:
+            self.wer_metric.append(batch.id, self.decode(ctc_lp, enc_lens), [w.split() for w in batch.wrd])
+        return loss
+
+    def decode(self, ctc_lp, enc_lens):
+        """Words per utterance: greedy CTC, or speechbrain's CTC beam search when ``test_beam_size`` > 1."""
+        from lobes.asr import ctc_greedy_decode
+
+        if self.ctc_beam is None:
+            return [self.tokenizer.sp.decode_ids(h).split() for h in
+                    ctc_greedy_decode(ctc_lp, enc_lens, self.hparams.blank_index)]
+        hyps = self.ctc_beam(ctc_lp, enc_lens.float() / ctc_lp.shape[1])
+        return [h[0].text.split() for h in hyps]
+
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        if should_step:
+            self.hparams.noam_annealing(self.optimizer)
+
+    def on_stage_start(self, stage, epoch=None):
+        if stage != sb.Stage.TRAIN:
+            self.wer_metric = self.hparams.error_rate_computer()
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        stats = {"loss": stage_loss}
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = stats
+            return
+        stats["WER"] = self.wer_metric.summarize("error_rate")
+        if stage == sb.Stage.VALID:
+            lr = self.hparams.noam_annealing.current_lr
+            self.hparams.train_logger.log_stats({"epoch": epoch, "lr": lr}, train_stats=self.train_stats,
+                                                valid_stats=stats)
+            self.checkpointer.save_and_keep_only(meta={"WER": stats["WER"], "epoch": epoch}, min_keys=["WER"],
+                                                 num_to_keep=self.hparams.keep_checkpoints)
+            if if_main_process():
+                update_curves(self.hparams.output_folder, epoch, self.train_stats["loss"], stage_loss, stats["WER"])
+        else:
+            self.hparams.train_logger.log_stats({"Epoch loaded": self.hparams.epoch_counter.current},
+                                                test_stats=stats)
+            if if_main_process():
+                with open(self.hparams.wer_file, "w") as f:
+                    self.wer_metric.write_stats(f)
+                atomic_write(os.path.join(self.hparams.output_folder, "test_wer.txt"), f"{stats['WER']:.2f}\n")
+
+
+def atomic_write(path, text):
+    """Write ``text`` to ``path`` through a temporary file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def update_curves(output_folder, epoch, train_loss, valid_loss, valid_wer):
+    """Record one epoch in ``history.json`` and redraw ``curves.png`` (loss and valid WER per epoch)."""
+    import matplotlib
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(output_folder, "history.json")
+    history = json.load(open(path)) if os.path.exists(path) else {}
+    history[str(epoch)] = {"train_loss": float(train_loss), "valid_loss": float(valid_loss), "valid_wer": valid_wer}
+    atomic_write(path, json.dumps(history, indent=1))
+    epochs = sorted(int(e) for e in history)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [history[str(e)]["train_loss"] for e in epochs], marker="o", label="train")
+    ax1.plot(epochs, [history[str(e)]["valid_loss"] for e in epochs], marker="o", label="valid")
+    ax1.set_xlabel("epoch"), ax1.set_ylabel("loss"), ax1.legend(), ax1.grid(alpha=0.3)
+    ax2.plot(epochs, [history[str(e)]["valid_wer"] for e in epochs], marker="o", color="C2")
+    ax2.set_xlabel("epoch"), ax2.set_ylabel("valid WER (%)"), ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = os.path.join(output_folder, ".curves.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, os.path.join(output_folder, "curves.png"))
+
+
+COMPLETE_MARKER = "COMPLETE"
+
+
+def mark_complete_checkpoints(checkpointer):
+    """Write a marker into each checkpoint once all its files are saved (speechbrain writes the metadata
+    first, so a run killed while saving leaves a checkpoint that cannot be loaded)."""
+    save = checkpointer.save_checkpoint
+
+    def save_and_mark(*args, **kwargs):
+        ckpt = save(*args, **kwargs)
+        if ckpt is not None:  # main process
+            atomic_write(os.path.join(ckpt.path, COMPLETE_MARKER), "")
+        return ckpt
+
+    checkpointer.save_checkpoint = save_and_mark
+
+
+def remove_incomplete_checkpoints(save_folder):
+    """Delete checkpoints that a killed run left half-written, so the rerun resumes from the last good one."""
+    import shutil
+
+    if not os.path.isdir(save_folder):
+        return
+    for name in sorted(os.listdir(save_folder)):
+        path = os.path.join(save_folder, name)
+        if name.startswith("CKPT") and os.path.isdir(path) and not os.path.exists(os.path.join(path, COMPLETE_MARKER)):
+            logger.warning("removing incomplete checkpoint %s (interrupted while saving)", path)
+            shutil.rmtree(path)
+
+
+def prepare_manifests(hparams):
+    """Return ``{"train", "valid", "test"}`` CSV paths for ``hparams["dataset"]`` (idempotent)."""
+    dataset = hparams["dataset"]
+    if dataset == "embedded":
+        from lobes.data.speech import prepare_speech_corpus
+
+        return prepare_speech_corpus(hparams["data_folder"], num_train=hparams["num_train"],
+                                     num_valid=hparams["num_valid"], num_test=hparams["num_test"],
+                                     seed=hparams["corpus_seed"])
+    if dataset == "librispeech":
+        from lobes.data.librispeech import prepare_librispeech
+
+        return prepare_librispeech(hparams["data_folder"], hparams["output_folder"], hparams["train_splits"],
+                                   hparams["dev_splits"], hparams["test_splits"], skip_prep=hparams["skip_prep"])
+    if dataset == "csv":
+        paths = {"train": hparams["train_csv"], "valid": hparams["valid_csv"], "test": hparams["test_csv"]}
+        for split, path in paths.items():
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{split}_csv not found: {path} (a CSV with columns ID, duration, wav, wrd)")
+        return paths
+    raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; got {dataset!r}")
+
+
+def prepare_noise(hparams):
+    """Synthesize the noise clips used by AddNoise (only when the YAML asks for them)."""
+    if hparams.get("noise_csv"):
+        from lobes.data.noise import prepare_noise_corpus
+
+        prepare_noise_corpus(os.path.dirname(hparams["noise_csv"]), num=hparams["num_noise"],
+                             seed=hparams["corpus_seed"])
+
+
+def dataio_prepare(hparams, manifests, tokenizer):
+    """Datasets with the pipelines ``sig`` (16 kHz waveform) and ``tokens_bos``, ``tokens_eos``, ``tokens``."""
+    from lobes.data.manifest import check_manifest
+
+    datasets = {}
+    for split in ("train", "valid", "test"):
+        check_manifest(manifests[split], ["ID", "duration", "wav", "wrd"])
+        ds = sb.dataio.dataset.DynamicItemDataset.from_csv(manifests[split])
+        if split == "train":
+            ds = ds.filtered_sorted(key_max_value={"duration": hparams["max_duration"]}, sort_key="duration")
+        else:
+            ds = ds.filtered_sorted(sort_key="duration", reverse=True)
+        datasets[split] = ds
+
+    @sb.utils.data_pipeline.takes("wav")
+    @sb.utils.data_pipeline.provides("sig")
+    def audio_pipeline(wav):
+        sig, sr = sb.dataio.audio_io.load(wav)
+        if sr != hparams["sample_rate"]:
+            raise ValueError(f"expected {hparams['sample_rate']} Hz audio, got {sr} Hz ({wav})")
+        return sig if sig.dim() == 1 else sig.mean(0)
+
+    @sb.utils.data_pipeline.takes("wrd")
+    @sb.utils.data_pipeline.provides("wrd", "tokens_bos", "tokens_eos", "tokens")
+    def text_pipeline(wrd):
+        yield wrd
+        ids = tokenizer.sp.encode_as_ids(wrd)
+        yield torch.LongTensor([hparams["bos_index"]] + ids)
+        yield torch.LongTensor(ids + [hparams["eos_index"]])
+        yield torch.LongTensor(ids)
+
+    sets = list(datasets.values())
+    sb.dataio.dataset.add_dynamic_item(sets, audio_pipeline)
+    sb.dataio.dataset.add_dynamic_item(sets, text_pipeline)
+    sb.dataio.dataset.set_output_keys(sets, ["id", "sig", "wrd", "tokens_bos", "tokens_eos", "tokens"])
+    return datasets
+
+
+def main(argv):
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    sb.utils.distributed.ddp_init_group(run_opts)  # no-op unless launched with torchrun
+    with open(hparams_file) as f:
+        hparams = load_hyperpyyaml(f, overrides)
+    sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=hparams_file,
+                                   overrides=overrides)
+
+    run_on_main(prepare_manifests, kwargs={"hparams": hparams})
+    run_on_main(prepare_noise, kwargs={"hparams": hparams})
+    manifests = prepare_manifests(hparams)  # already built: returns the paths
+
+    tokenizer = SentencePiece(model_dir=hparams["save_folder"], vocab_size=hparams["output_neurons"],
+                              annotation_train=manifests["train"], annotation_read="wrd",
+                              model_type=hparams["token_type"], character_coverage=1.0, bos_id=-1, eos_id=-1,
+                              unk_id=hparams["unk_index"])
+    if tokenizer.sp.get_piece_size() > hparams["output_neurons"]:
+        raise ValueError(f"the tokenizer has {tokenizer.sp.get_piece_size()} tokens but output_neurons is "
+                         f"{hparams['output_neurons']}; raise output_neurons")
+    if hparams["ctc_weight"] < 1.0 and hparams["model"].decoder is None:
+        raise ValueError("ctc_weight < 1 needs an attention decoder: pick a preset with one or set ctc_weight: 1.0")
+    datasets = dataio_prepare(hparams, manifests, tokenizer)
+
+    run_on_main(remove_incomplete_checkpoints, kwargs={"save_folder": hparams["save_folder"]})
+    mark_complete_checkpoints(hparams["checkpointer"])
+    asr = ASR(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams, run_opts=run_opts,
+              checkpointer=hparams["checkpointer"])
+    asr.tokenizer = tokenizer
+    asr.ctc_beam = None
+    if hparams["test_beam_size"] > 1:
+        from speechbrain.decoders.ctc import CTCBeamSearcher
+
+        # word boundaries of SentencePiece pieces become spaces, so the searcher's text splits into words
+        vocab = [tokenizer.sp.id_to_piece(i).replace("\u2581", " ") for i in range(tokenizer.sp.get_piece_size())]
+        asr.ctc_beam = CTCBeamSearcher(blank_index=hparams["blank_index"], vocab_list=vocab,
+                                       beam_size=hparams["test_beam_size"])
+    n_params = sum(p.numel() for p in hparams["model"].parameters())
+    logger.info("model: %.2f M parameters", n_params / 1e6)
+
+    asr.fit(asr.hparams.epoch_counter, datasets["train"], datasets["valid"],
+            train_loader_kwargs=hparams["train_dataloader_opts"],
+            valid_loader_kwargs=hparams["valid_dataloader_opts"])
+    asr.evaluate(datasets["test"], min_key="WER", test_loader_kwargs=hparams["test_dataloader_opts"])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,149 @@
+"""recipes/ASR/train.py end to end on a tiny tone corpus: training, resume, kill -9 and resume, 2-process DDP."""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "recipes" / "ASR" / "train.py"
+LETTERS = "ABCDEFGH"
+SAMPLE_RATE = 16000
+TINY = "{d_model: 32, d_ffn: 64, nhead: 2, num_encoder_layers: 1, kernel_size: 7, frontend_channels: [8, 8]}"
+
+
+def _render(text: str, rng: np.random.Generator) -> np.ndarray:
+    """One tone per letter (its own pitch), silence between words, a little noise."""
+    pieces = [np.zeros(800)]
+    for word in text.split():
+        for ch in word:
+            t = np.arange(int(rng.uniform(0.07, 0.09) * SAMPLE_RATE)) / SAMPLE_RATE
+            pieces.append(0.5 * np.sin(2 * np.pi * 300.0 * 2 ** (LETTERS.index(ch) / 4) * t))
+        pieces.append(np.zeros(int(0.06 * SAMPLE_RATE)))
+    wav = np.concatenate(pieces)
+    return (wav + 0.01 * rng.standard_normal(len(wav))).astype(np.float32)
+
+
+def _make_split(folder: Path, name: str, num: int, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    (folder / name).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(num):
+        text = " ".join("".join(rng.choice(list(LETTERS), rng.integers(2, 4))) for _ in range(rng.integers(1, 3)))
+        wav = _render(text, rng)
+        path = folder / name / f"{name}_{i}.wav"
+        sf.write(path, wav, SAMPLE_RATE)
+        rows.append({"ID": f"{name}_{i}", "duration": len(wav) / SAMPLE_RATE, "wav": str(path), "wrd": text})
+    with open(folder / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["ID", "duration", "wav", "wrd"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(folder / f"{name}.csv")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tones")
+    return {split: _make_split(folder, split, n, seed)
+            for split, n, seed in (("train", 32, 1), ("valid", 4, 2), ("test", 4, 3))}
+
+
+def _args(corpus, out, epochs, *extra):
+    return ["recipes/ASR/hparams/hyperconformer.yaml", "--dataset=csv", f"--train_csv={corpus['train']}",
+            f"--valid_csv={corpus['valid']}", f"--test_csv={corpus['test']}", f"--output_folder={out}",
+            "--noise_csv=null", "--num_workers=0", f"--number_of_epochs={epochs}", "--batch_size=8",
+            "--n_warmup_steps=4", "--lr=0.005", f"--preset={TINY}", *extra]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return env
+
+
+def _run(args, timeout=300, launcher=None):
+    cmd = (launcher or [sys.executable]) + [str(TRAIN)] + args
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _history(out):
+    return json.loads((out / "history.json").read_text())
+
+
+def test_tiny_training_then_resume_with_a_higher_epoch_limit(corpus, tmp_path):
+    out = tmp_path / "run"
+    _run(_args(corpus, out, 2))
+    history = _history(out)
+    assert sorted(history, key=int) == ["1", "2"]
+    assert history["2"]["train_loss"] < history["1"]["train_loss"]
+    assert history["2"]["valid_loss"] < history["1"]["valid_loss"]
+    assert (out / "curves.png").stat().st_size > 0
+    wer = float((out / "test_wer.txt").read_text())
+    assert 0.0 <= wer <= 200.0
+    assert "test_0" in (out / "wer.txt").read_text()
+    log_before = (out / "log.txt").read_text()
+    assert "Going into epoch 2" in log_before and "Going into epoch 3" not in log_before
+
+    # the same command with a higher limit continues from epoch 2's checkpoint (and tests with CTC beam search)
+    _run(_args(corpus, out, 3, "--test_beam_size=3"))
+    log_after = (out / "log.txt").read_text()[len(log_before):]
+    assert "Loading a checkpoint" in log_after
+    assert "Going into epoch 3" in log_after and "Going into epoch 1" not in log_after
+    assert sorted(_history(out), key=int) == ["1", "2", "3"]
+
+
+def test_kill_during_training_then_resume(corpus, tmp_path):
+    out = tmp_path / "killed"
+    args = _args(corpus, out, 1, "--ckpt_interval_minutes=0", "--ckpt_interval_steps=1")
+    proc = subprocess.Popen([sys.executable, str(TRAIN)] + args, cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    save = out / "save"
+    try:
+        while time.time() < deadline and not any(save.glob("CKPT*/COMPLETE")):
+            assert proc.poll() is None, "training finished before it could be interrupted"
+            time.sleep(0.1)
+        assert any(save.glob("CKPT*/COMPLETE")), "no intra-epoch checkpoint appeared"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "test_wer.txt").exists()
+    _run(args)
+    log = (out / "log.txt").read_text()
+    assert "Loading a checkpoint" in log
+    assert (out / "test_wer.txt").exists()
+    assert sorted(_history(out), key=int) == ["1"]
+
+
+def test_two_process_ddp_debug_run(corpus, tmp_path):
+    out = tmp_path / "ddp"
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+    _run(_args(corpus, out, 1, "--debug", "--distributed_backend=gloo"), launcher=launcher)
+    assert (out / "test_wer.txt").exists()
+    log = (out / "log.txt").read_text()
+    assert log.count("Beginning experiment!") >= 1
+
+
+@pytest.mark.slow
+def test_main_job_on_the_embedded_corpus(tmp_path):
+    """The full default recipe: synthesize the corpus, train, evaluate on unseen voices (long: ~20 min)."""
+    out = tmp_path / "main"
+    start = time.time()
+    _run(["recipes/ASR/hparams/hyperconformer.yaml", f"--output_folder={out}",
+          f"--data_folder={tmp_path / 'corpus'}"], timeout=3600)
+    wer = float((out / "test_wer.txt").read_text())
+    print(f"test WER on unseen voices: {wer:.2f} % in {(time.time() - start) / 60:.1f} min")
+    assert wer <= 15.0
