@@ -144,3 +144,10 @@ def test_option_errors(tmp_path):
         events.prepare_event_corpus(str(tmp_path), 1, 1, 1, colour="red")
     with pytest.raises(ValueError, match="num_train_per_class"):
         events.prepare_event_corpus(str(tmp_path), -2)
+
+
+def test_click_train_survives_every_jitter():
+    """Clicks jittered past the clip's end are cut, never a shape error (about 1 % of seeds hit it)."""
+    for seed in range(3000):
+        wav = events._click_train(np.random.default_rng(seed))
+        assert np.isfinite(wav).all() and np.abs(wav).max() > 0, seed

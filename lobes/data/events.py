@@ -106,9 +106,11 @@ def _click_train(rng: np.random.Generator) -> np.ndarray:
     click = rng.standard_normal(click_len) * np.exp(-np.arange(click_len) / (click_len / 4))
     period = int(SAMPLE_RATE / rate)
     for start in range(0, wav.shape[0] - click_len, period):
-        jitter = int(rng.integers(0, max(1, period // 10)))
-        stop = min(wav.shape[0], start + jitter + click_len)
-        wav[start + jitter : stop] += click[: stop - start - jitter] * rng.uniform(0.6, 1.0)
+        onset = start + int(rng.integers(0, max(1, period // 10)))
+        gain = rng.uniform(0.6, 1.0)
+        n = min(click_len, wav.shape[0] - onset)  # a click jittered past the end is cut (or dropped)
+        if n > 0:
+            wav[onset : onset + n] += click[:n] * gain
     return wav
 
 
