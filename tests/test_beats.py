@@ -426,3 +426,18 @@ def test_cuda_half_precision(pretrained_ckpt):
         with torch.autocast("cuda", dtype=dtype):
             out = model(wav)[0]
         assert _cosine_min(out, ref) > 0.99
+
+
+@pytest.mark.parametrize("channels, groups", [(64, 8), (768, 16)])  # 8 and 48 channels per group
+def test_bfloat16_positional_conv_any_group_width(channels, groups):
+    """CPU bf16 grouped conv1d is wrong for groups not a multiple of 16 channels wide: ours must not be."""
+    cfg = dict(encoder_embed_dim=channels, encoder_attention_heads=4, encoder_ffn_embed_dim=2 * channels,
+               encoder_layers=1, conv_pos_groups=groups)
+    conv = BEATs(cfg=cfg).encoder.pos_conv.eval()
+    x = torch.randn(2, channels, 120)
+    ref = conv(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = conv(x)
+    cast = conv.to(torch.bfloat16)(x.bfloat16())
+    for out in (auto, cast):
+        assert _cosine_min(out.transpose(1, 2), ref.transpose(1, 2)) > 0.999

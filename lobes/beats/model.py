@@ -210,8 +210,19 @@ class _WeightNormConv1d(nn.Module):
         """``g * v / ||v||`` with the norm over every dim but 2, ``(C, C / groups, K)``."""
         return torch._weight_norm(self.weight_v, self.weight_g, 2)
 
+    def _reduced_precision_is_wrong(self, x: Tensor) -> bool:
+        # torch's CPU bf16/fp16 grouped conv1d returns wrong values (errors as large as the signal) when a
+        # group is not a multiple of 16 channels wide; the released size (768 / 16 = 48) is not affected.
+        reduced = x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu")
+        return x.device.type == "cpu" and reduced and (self.weight_v.shape[1] % 16) != 0
+
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, T)`` -> ``(B, C, T + 1)`` (even kernel; the caller drops the last step)."""
+        if self._reduced_precision_is_wrong(x):
+            with torch.autocast("cpu", enabled=False):
+                out = F.conv1d(x.float(), self.weight().float(), self.bias.float(), padding=self.padding,
+                               groups=self.groups)
+            return out.to(x.dtype)
         w = self.weight().to(x.dtype)
         return F.conv1d(x, w, self.bias.to(x.dtype), padding=self.padding, groups=self.groups)
 
