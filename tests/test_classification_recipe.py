@@ -1,0 +1,248 @@
+"""recipes/AudioClassification: tiny training runs, ESC-50 layout, checkpoints in the three YAMLs."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from lobes.beats import BEATs
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "AudioClassification"
+TINY_CFG = {
+    "embed_dim": 32, "encoder_layers": 2, "encoder_embed_dim": 32, "encoder_ffn_embed_dim": 64,
+    "encoder_attention_heads": 4, "conv_pos": 16, "conv_pos_groups": 2, "deep_norm": True,
+    "relative_position_embedding": True, "gru_rel_pos": True, "num_buckets": 32, "max_distance": 800,
+}
+CLASSES = ["low_tone", "high_tone", "noise"]
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location("audio_classification_train", RECIPE / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _clip(label, rng, rate):
+    n = int(rng.uniform(0.8, 1.2) * rate)
+    t = np.arange(n) / rate
+    if label == "noise":
+        wav = 0.3 * rng.standard_normal(n)
+    else:
+        f0 = rng.uniform(250, 400) if label == "low_tone" else rng.uniform(2500, 4000)
+        wav = 0.5 * np.sin(2 * np.pi * f0 * t) + 0.02 * rng.standard_normal(n)
+    return wav.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def csv_corpus(tmp_path_factory):
+    """Three easy classes at mixed sample rates and channel counts, as ID, wav, label CSVs."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    paths = {}
+    for split, per_class in (("train", 8), ("valid", 2), ("test", 4)):
+        lines = ["ID,duration,wav,label"]
+        for i in range(per_class):
+            for label in CLASSES:
+                rate = [16000, 22050, 8000][i % 3]
+                wav = _clip(label, rng, rate)
+                if i % 4 == 1:
+                    wav = np.stack([wav, wav], axis=1)  # stereo
+                uid = f"{split}_{label}_{i}"
+                sf.write(root / f"{uid}.wav", wav, rate)
+                lines.append(f"{uid},{len(wav) / rate:.3f},$data_root/{uid}.wav,{label}")
+        paths[split] = root / f"{split}.csv"
+        paths[split].write_text("\n".join(lines) + "\n")
+    return root, paths
+
+
+def _checkpoint(path, label_dict):
+    cfg = dict(TINY_CFG)
+    if label_dict:
+        cfg.update(finetuned_model=True, predictor_class=4)
+    model = BEATs(cfg=cfg)
+    ckpt = {"cfg": cfg, "model": model.state_dict()}
+    if label_dict:
+        ckpt["label_dict"] = {i: f"/m/{i}" for i in range(4)}
+    torch.save(ckpt, path)
+    return path
+
+
+def _csv_args(csv_corpus, out):
+    root, paths = csv_corpus
+    return ["--dataset", "csv", "--data_folder", str(root), "--train_csv", str(paths["train"]),
+            "--valid_csv", str(paths["valid"]), "--test_csv", str(paths["test"]),
+            "--output_folder", str(out), "--noprogressbar"]
+
+
+def _tiny_model_args():
+    return ["--beats_cfg", json.dumps(TINY_CFG), "--emb_dim", "32"]
+
+
+def test_tiny_training_beats_chance_and_writes_outputs(csv_corpus, tmp_path):
+    out = tmp_path / "run"
+    _recipe().main([str(RECIPE / "hparams" / "beats_tiny.yaml"), *_csv_args(csv_corpus, out),
+                    *_tiny_model_args(), "--number_of_epochs", "4", "--batch_size", "6",
+                    "--warmup_steps", "4", "--lr_head", "0.003", "--lr_encoder", "0.003"])
+    results = json.loads((out / "test_results.json").read_text())
+    assert results["num_test"] == 4 * len(CLASSES)
+    assert sorted(results["per_class_accuracy"]) == sorted(CLASSES)
+    assert results["accuracy"] > 1 / len(CLASSES) + 0.2, results  # chance is 1/3
+    assert (out / "confusion.png").stat().st_size > 1000
+    assert (out / "curves.png").stat().st_size > 1000
+    ckpts = list((out / "save").glob("CKPT+*"))
+    assert ckpts and all((c / "classifier.ckpt").exists() for c in ckpts)
+    log = (out / "train_log.txt").read_text()
+    assert log.count("epoch:") == 4 and "test loss" in log
+
+
+def test_param_groups_layer_wise_decay():
+    recipe = _recipe()
+    modules = torch.nn.ModuleDict({"encoder": BEATs(cfg={**TINY_CFG, "encoder_layers": 3}, freeze=False),
+                                   "classifier": torch.nn.Linear(32, 5)})
+    groups = recipe.param_groups(modules, lr_head=1e-3, lr_encoder=1e-4, layer_decay=0.5, freeze_encoder=False)
+    lrs = {g["name"]: g["lr"] for g in groups}
+    assert lrs == pytest.approx({"head": 1e-3, "encoder.depth3": 1e-4, "encoder.depth2": 5e-5,
+                                 "encoder.depth1": 2.5e-5, "encoder.depth0": 1.25e-5})
+    grouped = [p for g in groups for p in g["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(list(modules.parameters()))
+    top = {id(p) for n, p in modules["encoder"].named_parameters() if n.startswith("encoder.layers.2.")}
+    assert {id(p) for g in groups if g["name"] == "encoder.depth3" for p in g["params"]} == top
+    frozen = recipe.param_groups(modules, 1e-3, 1e-4, 0.5, freeze_encoder=True)
+    assert [g["name"] for g in frozen] == ["head"]
+
+
+def _load_hparams(yaml_name, overrides):
+    from hyperpyyaml import load_hyperpyyaml
+
+    with open(RECIPE / "hparams" / yaml_name, encoding="utf-8") as f:
+        return load_hyperpyyaml(f, overrides)
+
+
+@pytest.mark.parametrize("label_dict", [False, True], ids=["pretrained", "as2m"])
+@pytest.mark.parametrize("yaml_name", ["beats_frozen.yaml", "beats_finetune.yaml"])
+def test_microsoft_checkpoint_loads_in_frozen_and_finetune(tmp_path, yaml_name, label_dict):
+    ckpt = _checkpoint(tmp_path / "beats.pt", label_dict)
+    hparams = _load_hparams(yaml_name, {"ckpt_path": str(ckpt), "emb_dim": 32,
+                                        "output_folder": str(tmp_path / "out")})
+    encoder = hparams["encoder"]
+    saved = torch.load(ckpt)
+    own = encoder.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in saved["model"].items() if k in own)
+    assert (encoder.predictor is not None) == label_dict
+    assert encoder.freeze == (yaml_name == "beats_frozen.yaml")
+    if label_dict:
+        assert encoder.labels == [f"/m/{i}" for i in range(4)]
+    _recipe().check_hparams(hparams)  # emb_dim matches the checkpoint
+
+
+@pytest.mark.parametrize("yaml_name,label_dict,extra", [
+    ("beats_frozen.yaml", True, ["--pooling", "!ref <mean_pooling>"]),
+    ("beats_finetune.yaml", False, []),
+], ids=["frozen-as2m-mean", "finetune-pretrained-attentive"])
+def test_frozen_and_finetune_debug_runs(csv_corpus, tmp_path, yaml_name, label_dict, extra):
+    ckpt = _checkpoint(tmp_path / "beats.pt", label_dict)
+    out = tmp_path / "run"
+    before = torch.load(ckpt)["model"]
+    _recipe().main([str(RECIPE / "hparams" / yaml_name), "--ckpt_path", str(ckpt), "--emb_dim", "32",
+                    *_csv_args(csv_corpus, out), "--debug", "--debug_persistently", "--debug_batches", "2",
+                    "--batch_size", "4", *extra])
+    assert (out / "test_results.json").exists()
+    saved = list((out / "save").glob("CKPT+*/encoder.ckpt"))
+    if yaml_name == "beats_frozen.yaml":
+        assert not saved  # the frozen encoder is the checkpoint file, not saved again
+        assert not list((out / "save").glob("CKPT+*/pooling.ckpt"))  # mean pooling has no weights
+    else:
+        after = torch.load(saved[0])
+        assert any(not torch.equal(before[k], after[k]) for k in before)  # the encoder trained
+        assert list((out / "save").glob("CKPT+*/pooling.ckpt"))
+
+
+def test_bad_emb_dim_and_dataset_fail_fast(tmp_path):
+    recipe = _recipe()
+    ckpt = _checkpoint(tmp_path / "beats.pt", False)
+    with pytest.raises(ValueError, match="encoder_embed_dim is 32"):
+        recipe.check_hparams(_load_hparams("beats_frozen.yaml", {"ckpt_path": str(ckpt), "emb_dim": 48}))
+    base = {"ckpt_path": str(ckpt), "emb_dim": 32}
+    with pytest.raises(ValueError, match="expected one of 'events', 'esc50', 'csv'"):
+        recipe.check_hparams(_load_hparams("beats_frozen.yaml", {**base, "dataset": "librivox"}))
+    with pytest.raises(FileNotFoundError, match="train_csv"):
+        recipe.check_hparams(_load_hparams("beats_frozen.yaml", {**base, "dataset": "csv",
+                                                                 "train_csv": str(tmp_path / "no.csv")}))
+
+
+def _fake_esc50(root: Path, per_fold: int = 2, classes=("dog", "rain", "siren")):
+    """ESC-50's real layout: audio/<fold>-<src>-<take>-<target>.wav (44.1 kHz) and meta/esc50.csv."""
+    (root / "audio").mkdir(parents=True)
+    (root / "meta").mkdir()
+    rng = np.random.default_rng(1)
+    lines = ["filename,fold,target,category,esc10,src_file,take"]
+    for fold in range(1, 6):
+        for target, category in enumerate(classes):
+            for k in range(per_fold):
+                name = f"{fold}-{1000 + 10 * target + k}-A-{target}.wav"
+                label = ["low_tone", "high_tone", "noise"][target]
+                sf.write(root / "audio" / name, _clip(label, rng, 44100), 44100)
+                lines.append(f"{name},{fold},{target},{category},False,{1000 + 10 * target + k},A")
+    (root / "meta" / "esc50.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_esc50_layout_and_fold_selection(tmp_path):
+    data = tmp_path / "ESC-50-master"
+    _fake_esc50(data)
+    out = tmp_path / "run"
+    _recipe().main([str(RECIPE / "hparams" / "beats_tiny.yaml"), "--dataset", "esc50", "--data_folder",
+                    str(tmp_path), "--test_fold", "2", "--output_folder", str(out), *_tiny_model_args(),
+                    "--debug", "--debug_batches", "2", "--noprogressbar"])
+    results = json.loads((out / "test_results.json").read_text())
+    assert results["num_test"] == 3 * 2  # fold 2 only
+    assert sorted(results["classes"]) == ["dog", "rain", "siren"]
+    test_ids = [line.split(",")[0] for line in (out / "save" / "test.csv").read_text().splitlines()[1:]]
+    assert test_ids and all(i.startswith("2-") for i in test_ids)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_debug(csv_corpus, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           str(RECIPE / "train.py"), str(RECIPE / "hparams" / "beats_tiny.yaml"), *_csv_args(csv_corpus, out),
+           *_tiny_model_args(), "--distributed_backend", "gloo", "--debug", "--debug_batches", "2",
+           "--debug_persistently"]  # --debug alone gives each process its own temporary checkpoint folder
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "test_results.json").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_kill(csv_corpus, tmp_path):
+    """kill -9 after the first epoch's checkpoint; the rerun continues from it and finishes."""
+    out = tmp_path / "resume"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(RECIPE / "train.py"), str(RECIPE / "hparams" / "beats_tiny.yaml"),
+           *_csv_args(csv_corpus, out), *_tiny_model_args(), "--number_of_epochs", "4", "--batch_size", "6"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import time
+
+        deadline = time.time() + 500
+        while not list((out / "save").glob("CKPT+*/COMPLETE")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        proc.kill()  # SIGKILL
+    finally:
+        proc.wait()
+    assert list((out / "save").glob("CKPT+*/COMPLETE")), "no checkpoint before the kill"
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    log = (out / "train_log.txt").read_text()
+    epochs = [int(line.split("epoch: ")[1].split(",")[0]) for line in log.splitlines() if "epoch: " in line]
+    assert epochs[-1] == 4 and sorted(set(epochs)) == [1, 2, 3, 4]
+    assert epochs.count(1) == 1  # the second run resumed after epoch 1 instead of starting over
+    assert (out / "test_results.json").exists()
