@@ -1,6 +1,7 @@
 """BEATs throughput: ours (fp32, bf16) against SpeechBrain's BEATs (fp32), same random weights, same run.
 
-Also the batched Kaldi fbank against torchaudio's per-utterance ``kaldi.fbank`` loop.
+Also the batched Kaldi fbank against torchaudio's per-utterance ``kaldi.fbank`` loop, measured in alternating
+rounds (``--fbank-rounds``); its speedup is the median of the per-round ratios.
 
     python benchmarks/beats.py            # released size: 12 layers, B = 8 x 10 s; fbank 32 x 10 s
     python benchmarks/beats.py --quick    # 2 layers, B = 2 x 2 s; fbank 8 x 2 s (smoke test)
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -78,6 +80,33 @@ def setup_fbank_torchaudio(batch: int, seconds: float):
     return lambda: torch.stack([ta_kaldi.fbank(w.unsqueeze(0), **BEATS_FBANK) for w in wav])
 
 
+def _measure_fbank(rounds: int, batch: int, seconds: float, kw: dict) -> dict:
+    """Alternate torchaudio's loop and ours ``rounds`` times (fresh processes, same inputs and options).
+
+    Each entry keeps the median time over all rounds; ``speedup_vs_torchaudio`` is the median of the
+    per-round ratios, so a slow change of load on a shared machine affects both sides of each ratio.
+    """
+    setups = {"torchaudio loop": setup_fbank_torchaudio, "ours batched": setup_fbank_ours}
+    runs: dict[str, list[dict]] = {name: [] for name in setups}
+    for _ in range(rounds):
+        for name, setup in setups.items():
+            runs[name].append(measure(setup, batch, seconds, **kw))
+    base = [r.get("time_s") for r in runs["torchaudio loop"]]
+    out = {}
+    for name, rs in runs.items():
+        failed = [r for r in rs if not r.get("ok")]
+        if failed:
+            out[name] = failed[0]
+            continue
+        times = [r["time_s"] for r in rs]
+        pairs = [ratio(b, t) for b, t in zip(base, times)]
+        pairs = [p for p in pairs if p is not None]
+        out[name] = {"ok": True, "time_s": statistics.median(times), "round_times_s": times,
+                     "peak_mib": max(r["peak_mib"] for r in rs), "round_speedups": pairs,
+                     "speedup_vs_torchaudio": statistics.median(pairs) if pairs else None}
+    return out
+
+
 # ---------------------------------------------------------------- accuracy (in this process)
 def _accuracy(ckpt: str, batch: int, seconds: float) -> dict:
     from speechbrain.lobes.models.beats import BEATs as SBBEATs
@@ -108,6 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fbank-only", action="store_true", help="measure the fbank comparison only")
+    parser.add_argument("--fbank-rounds", type=int, default=3,
+                        help="alternating torchaudio / ours rounds for the fbank comparison (default 3)")
     parser.add_argument("--layers", type=int, help="override the number of layers (default 12; 2 with --quick)")
     parser.add_argument("--batch", type=int, help="override the BEATs batch size (default 8; 2 with --quick)")
     parser.add_argument("--seconds", type=float, help="override the clip length (default 10; 2 with --quick)")
@@ -131,10 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "ours bf16 cast": measure(setup_ours, ckpt, batch, seconds, "bf16-cast", **kw),
             }
             accuracy = _accuracy(ckpt, batch, seconds)
-    fbank = {
-        "torchaudio loop": measure(setup_fbank_torchaudio, fb_batch, fb_seconds, **kw),
-        "ours batched": measure(setup_fbank_ours, fb_batch, fb_seconds, **kw),
-    }
+    fbank = _measure_fbank(args.fbank_rounds, fb_batch, fb_seconds, kw)
 
     audio = batch * seconds
     base = results.get("speechbrain fp32", {}).get("time_s")
@@ -152,11 +180,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\nBEATs, {layers} layers, B = {batch} x {seconds:g} s, {args.threads} threads")
         print_table(rows, ["model", "time_s", "audio_s_per_s", "speedup_vs_sb_fp32", "peak_MiB", "max_abs_vs_sb",
                            "min_cosine_vs_sb", "error"])
-    fb_base = fbank["torchaudio loop"].get("time_s")
-    fb_rows = [{"fbank": n, "time_s": fmt(r.get("time_s")), "speedup_vs_torchaudio": fmt(ratio(fb_base, r.get("time_s"))),
+    fb_rows = [{"fbank": n, "time_s": fmt(r.get("time_s")),
+                "speedup_vs_torchaudio": fmt(r.get("speedup_vs_torchaudio")),
+                "round_speedups": " ".join(fmt(v) for v in r.get("round_speedups", [])),
                 "error": r.get("error", "")} for n, r in fbank.items()]
-    print(f"\nKaldi fbank (128 bins), {fb_batch} x {fb_seconds:g} s")
-    print_table(fb_rows, ["fbank", "time_s", "speedup_vs_torchaudio", "error"])
+    print(f"\nKaldi fbank (128 bins), {fb_batch} x {fb_seconds:g} s, {args.threads} threads, "
+          f"{args.fbank_rounds} alternating rounds (speedup = median of per-round ratios)")
+    print_table(fb_rows, ["fbank", "time_s", "speedup_vs_torchaudio", "round_speedups", "error"])
 
     payload = {
         "config": {"layers": layers, "batch": batch, "seconds": seconds, "threads": args.threads,
@@ -175,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                         for n in fb_names]},
          "speedup": {"BEATs vs speechbrain fp32": [ratio(base, results[n].get("time_s")) for n in names]
                      + [None] * len(fb_names),
-                     "fbank vs torchaudio loop": [None] * len(names) + [ratio(fb_base, fbank[n].get("time_s"))
+                     "fbank vs torchaudio loop": [None] * len(names) + [fbank[n].get("speedup_vs_torchaudio")
                                                                         for n in fb_names]}},
         xlabel="candidate", ylabels=("seconds of audio per second", "speedup"), panels=("throughput", "speedup"),
         title=f"BEATs {layers} layers, B={batch}x{seconds:g}s; fbank {fb_batch}x{fb_seconds:g}s ({args.threads} threads)",

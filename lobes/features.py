@@ -1,11 +1,12 @@
 """Batched Kaldi-compatible filterbank features and length / mask utilities.
 
 ``kaldi_fbank`` computes ``torchaudio.compliance.kaldi.fbank`` for a whole batch ``(B, T)`` at once on
-the input's device: frames are strided views of the batch, the window, the mel matrix and the
-pre-emphasis are applied with batched tensor ops, and the mel matrix and window are cached per
-(options, device, dtype). Rows may have their own lengths; frames past a row's end are reported by
-:func:`num_frames` and filled with ``padding_value``, and every frame inside a row equals the frame
-torchaudio computes for that row alone (Kaldi frames only look at their own samples).
+the input's device: frames are strided views of the batch; DC removal and pre-emphasis are folded into
+one pass that writes the frames into the zero-padded FFT buffer; ``|X|^2`` is folded into the mel product;
+the mel matrix and window are cached per (options, device, dtype). Rows may have their own lengths;
+frames past a row's end are reported by :func:`num_frames` and filled with ``padding_value``, and every
+frame inside a row equals the frame torchaudio computes for that row alone (Kaldi frames only look at
+their own samples).
 
 Length conventions used across ``lobes``:
 
@@ -261,6 +262,51 @@ def _cached(kind: str, key: tuple, device: torch.device, dtype: torch.dtype, bui
     return hit
 
 
+def _fill_frames(x: Tensor, out: Tensor, shift: int, remove_dc_offset: bool, preemph: float) -> None:
+    """Write the DC-free, pre-emphasised frames of ``x`` (B, T) into ``out`` (B, M, window), unwindowed.
+
+    Kaldi removes each frame's mean ``m`` and then pre-emphasises within the frame,
+    ``y[n] = z[n] - c * z[n-1]`` with ``z = frame - m`` and ``z[-1] := z[0]``. Algebraically
+    ``y[n] = e[s+n] - (1-c) m`` for ``n >= 1``, where ``e[t] = x[t] - c * x[t-1]`` is pre-emphasis of the
+    whole signal (shared by overlapping frames), and ``y[0] = (1-c) (x[s] - m)``. So one pass over the
+    frames suffices; the frame means come from sums of ``gcd(window, shift)``-sample blocks.
+    """
+    B, M, size = out.shape
+    if preemph != 0.0:
+        e = torch.empty_like(x)  # (B, T)
+        torch.sub(x[:, 1:], x[:, :-1], alpha=preemph, out=e[:, 1:])
+        e[:, :1] = x[:, :1]  # only read for frames starting at 0, where out[..., 0] is overwritten below
+    else:
+        e = x
+    starts = x[:, : (M - 1) * shift + 1 : shift]  # (B, M) first sample of each frame
+    if remove_dc_offset:
+        block = math.gcd(size, shift)
+        n_blocks = ((M - 1) * shift + size) // block
+        sums = x[:, : n_blocks * block].reshape(B, n_blocks, block).sum(-1)  # (B, n_blocks)
+        means = sums.unfold(1, size // block, shift // block).sum(-1) / size  # (B, M)
+        torch.sub(e.unfold(1, size, shift), means.unsqueeze(-1), alpha=1.0 - preemph, out=out)
+        out[..., 0] = (starts - means) * (1.0 - preemph)
+    else:
+        out.copy_(e.unfold(1, size, shift))
+        out[..., 0] = starts * (1.0 - preemph)
+
+
+def _fill_frames_dithered(x: Tensor, out: Tensor, shift: int, dither: float, remove_dc_offset: bool,
+                          preemph: float) -> None:
+    """As :func:`_fill_frames`, with Gaussian dither added to each frame's samples first (as Kaldi does)."""
+    size = out.shape[-1]
+    frames = x.unfold(1, size, shift)  # (B, M, window) strided view
+    frames = frames + torch.randn_like(frames) * dither
+    if remove_dc_offset:
+        frames = frames - frames.mean(dim=-1, keepdim=True)
+    if preemph != 0.0:
+        # y[n] = z[n] - c * z[n-1], with z[-1] := z[0] (Kaldi's replicate padding)
+        torch.sub(frames[..., 1:], frames[..., :-1], alpha=preemph, out=out[..., 1:])
+        out[..., 0] = frames[..., 0] * (1.0 - preemph)
+    else:
+        out.copy_(frames)
+
+
 def _check_waveforms(waveforms: Tensor) -> None:
     if not torch.is_tensor(waveforms):
         raise TypeError(f"waveforms must be a tensor of shape (B, T), got {type(waveforms).__name__}")
@@ -378,31 +424,30 @@ round_to_power_of_two, subtract_mean : see ``torchaudio.compliance.kaldi.fbank``
 
     with torch.autocast(device.type, enabled=False):
         x = waveforms.to(dtype)
-        frames = x.unfold(1, window_size, window_shift)  # (B, M, window) strided view, no copy
-        if dither != 0.0:
-            frames = frames + torch.randn_like(frames) * dither
-        if remove_dc_offset:
-            frames = frames - frames.mean(dim=-1, keepdim=True)
         window = _cached("window", (window_type, window_size, blackman_coeff), device, dtype,
                          lambda: _window_cpu(window_type, window_size, blackman_coeff))
         buf = x.new_empty((B, M, padded))  # (B, M, padded)
         buf[..., window_size:] = 0.0  # FFT zero padding (only the tail is cleared)
-        if preemphasis_coefficient != 0.0:
-            # y[n] = x[n] - c * x[n-1], with x[-1] := x[0] (Kaldi's replicate padding)
-            torch.sub(frames[..., 1:], frames[..., :-1], alpha=preemphasis_coefficient, out=buf[..., 1:window_size])
-            buf[..., 0] = frames[..., 0] * (1.0 - preemphasis_coefficient)
-            buf[..., :window_size] *= window
+        frames = buf[..., :window_size]  # (B, M, window) view of buf
+        if dither != 0.0:
+            _fill_frames_dithered(x, frames, window_shift, dither, remove_dc_offset, preemphasis_coefficient)
         else:
-            torch.mul(frames, window, out=buf[..., :window_size])
-        re, im = torch.view_as_real(torch.fft.rfft(buf)).unbind(-1)  # each (B, M, padded/2 + 1)
-        power = torch.mul(re, re).addcmul_(im, im)  # |X|^2 without a size-2 reduction
-        if not use_power:
-            power = power.sqrt()
-        mel = _cached("mel", (num_mel_bins, padded, float(sample_frequency), float(low_freq), float(high_freq)),
-                      device, dtype,
-                      lambda: _mel_matrix_cpu(num_mel_bins, padded, float(sample_frequency), float(low_freq),
-                                              float(high_freq)))
-        feats = torch.matmul(power, mel)  # (B, M, num_mel_bins)
+            _fill_frames(x, frames, window_shift, remove_dc_offset, preemphasis_coefficient)
+        frames.mul_(window)
+        spec = torch.view_as_real(torch.fft.rfft(buf))  # (B, M, padded/2 + 1, 2)
+        mel_key = (num_mel_bins, padded, float(sample_frequency), float(low_freq), float(high_freq))
+        if use_power:
+            # |X|^2 folded into the mel product: square re and im in place and multiply by the mel matrix with
+            # each row repeated for (re, im); the Nyquist bin carries no weight and is skipped
+            mel2 = _cached("mel2", mel_key, device, dtype,
+                           lambda: _mel_matrix_cpu(*mel_key)[: padded // 2].repeat_interleave(2, dim=0))
+            squares = spec.square_().flatten(-2)[..., :padded]  # (B, M, padded) = re0^2, im0^2, re1^2, ...
+            feats = torch.matmul(squares, mel2)  # (B, M, num_mel_bins)
+        else:
+            re, im = spec.unbind(-1)  # each (B, M, padded/2 + 1)
+            magnitude = torch.mul(re, re).addcmul_(im, im).sqrt_()
+            mel = _cached("mel", mel_key, device, dtype, lambda: _mel_matrix_cpu(*mel_key))
+            feats = torch.matmul(magnitude, mel)  # (B, M, num_mel_bins)
         if use_log_fbank:
             feats = feats.clamp_min_(_EPSILON).log_()
         if sample_lens is not None:

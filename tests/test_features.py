@@ -36,6 +36,30 @@ def test_beats_options_match_torchaudio():
     assert (ours - ref).abs().max() < TOL
 
 
+def test_float32_rounding_is_no_worse_than_torchaudio():
+    # White noise at speech level: a mel bin holding ~1e-7 of its frame's energy (the lowest bins, one FFT
+    # bin near DC attenuated by pre-emphasis, or a chance spectral null) has its log moved by ~1e-3 by
+    # float32 round-off, in torchaudio too. Against torchaudio's float64 result ours must be as close as
+    # torchaudio's float32 result is.
+    g = torch.Generator().manual_seed(7)
+    wav = 0.1 * torch.randn(2, 48000, generator=g) * 2**15
+    ours = kaldi_fbank(wav, **BEATS_OPTS)
+    ref32 = _reference(wav, **BEATS_OPTS)
+    ref64 = _reference(wav.double(), **BEATS_OPTS).float()
+    assert (ours - ref64).abs().max() <= (ref32 - ref64).abs().max() + 1e-4
+    assert ((ours - ref32).abs() < TOL).float().mean() > 0.9999
+
+
+def test_dither_only_adds_small_noise():
+    wav = _audio(2, 8000, seed=6)
+    quiet = kaldi_fbank(wav, **BEATS_OPTS)
+    torch.manual_seed(0)
+    dithered = kaldi_fbank(wav, dither=1.0, **BEATS_OPTS)
+    assert dithered.shape == quiet.shape
+    assert not torch.equal(dithered, quiet)
+    assert (dithered[..., 8:] - quiet[..., 8:]).abs().max() < 0.05  # unit dither vs signal at ~1e3 amplitude
+
+
 @pytest.mark.parametrize(
     "opts",
     [
