@@ -23,6 +23,9 @@ from speechbrain.tokenizers.SentencePiece import SentencePiece
 import speechbrain.utils.distributed
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
+from lobes.checkpoints import mark_complete_on_save, remove_incomplete_checkpoints
+from lobes.data.manifest import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 DATASETS = ("embedded", "librispeech", "csv")
@@ -92,15 +95,7 @@ class ASR(sb.Brain):
             if if_main_process():
                 with open(self.hparams.wer_file, "w") as f:
                     self.wer_metric.write_stats(f)
-                atomic_write(os.path.join(self.hparams.output_folder, "test_wer.txt"), f"{stats['WER']:.2f}\n")
-
-
-def atomic_write(path, text):
-    """Write ``text`` to ``path`` through a temporary file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+                atomic_write_text(os.path.join(self.hparams.output_folder, "test_wer.txt"), f"{stats['WER']:.2f}\n")
 
 
 def update_curves(output_folder, epoch, train_loss, valid_loss, valid_wer):
@@ -114,7 +109,7 @@ def update_curves(output_folder, epoch, train_loss, valid_loss, valid_wer):
     path = os.path.join(output_folder, "history.json")
     history = json.load(open(path)) if os.path.exists(path) else {}
     history[str(epoch)] = {"train_loss": float(train_loss), "valid_loss": float(valid_loss), "valid_wer": valid_wer}
-    atomic_write(path, json.dumps(history, indent=1))
+    atomic_write_text(path, json.dumps(history, indent=1))
     epochs = sorted(int(e) for e in history)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(epochs, [history[str(e)]["train_loss"] for e in epochs], marker="o", label="train")
@@ -127,36 +122,6 @@ def update_curves(output_folder, epoch, train_loss, valid_loss, valid_wer):
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, os.path.join(output_folder, "curves.png"))
-
-
-COMPLETE_MARKER = "COMPLETE"
-
-
-def mark_complete_checkpoints(checkpointer):
-    """Write a marker into each checkpoint once all its files are saved (speechbrain writes the metadata
-    first, so a run killed while saving leaves a checkpoint that cannot be loaded)."""
-    save = checkpointer.save_checkpoint
-
-    def save_and_mark(*args, **kwargs):
-        ckpt = save(*args, **kwargs)
-        if ckpt is not None:  # main process
-            atomic_write(os.path.join(ckpt.path, COMPLETE_MARKER), "")
-        return ckpt
-
-    checkpointer.save_checkpoint = save_and_mark
-
-
-def remove_incomplete_checkpoints(save_folder):
-    """Delete checkpoints that a killed run left half-written, so the rerun resumes from the last good one."""
-    import shutil
-
-    if not os.path.isdir(save_folder):
-        return
-    for name in sorted(os.listdir(save_folder)):
-        path = os.path.join(save_folder, name)
-        if name.startswith("CKPT") and os.path.isdir(path) and not os.path.exists(os.path.join(path, COMPLETE_MARKER)):
-            logger.warning("removing incomplete checkpoint %s (interrupted while saving)", path)
-            shutil.rmtree(path)
 
 
 def prepare_manifests(hparams):
@@ -252,8 +217,8 @@ def main(argv):
         raise ValueError("ctc_weight < 1 needs an attention decoder: pick a preset with one or set ctc_weight: 1.0")
     datasets = dataio_prepare(hparams, manifests, tokenizer)
 
-    run_on_main(remove_incomplete_checkpoints, kwargs={"save_folder": hparams["save_folder"]})
-    mark_complete_checkpoints(hparams["checkpointer"])
+    run_on_main(remove_incomplete_checkpoints, args=[hparams["checkpointer"].checkpoints_dir])
+    mark_complete_on_save(hparams["checkpointer"])
     asr = ASR(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams, run_opts=run_opts,
               checkpointer=hparams["checkpointer"])
     asr.tokenizer = tokenizer

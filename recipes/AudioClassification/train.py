@@ -34,6 +34,7 @@ from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from lobes.beats import token_padding_mask
+from lobes.checkpoints import mark_complete_on_save, remove_incomplete_checkpoints
 from lobes.extract import load_audio
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,6 @@ class AudioClassifier(sb.Brain):
                 max_keys=["acc"], num_to_keep=1,
             )
             if if_main_process():
-                mark_complete(self.checkpointer.checkpoints_dir)
                 plot_curves(self.history, Path(self.hparams.output_folder) / "curves.png")
         else:
             self.hparams.train_logger.log_stats(  # on every process: it synchronises them
@@ -125,25 +125,6 @@ class AudioClassifier(sb.Brain):
         super().on_fit_start()
         ckpt = self.checkpointer.find_checkpoint()
         self.history = json.loads(ckpt.meta["history"]) if ckpt and "history" in ckpt.meta else []
-
-
-COMPLETE = "COMPLETE"  # written into a checkpoint folder once every file of it is on disk
-
-
-def mark_complete(folder):
-    """Marks the checkpoints of ``folder`` as complete (called right after a save returned)."""
-    for ckpt in Path(folder).glob("CKPT+*"):
-        (ckpt / COMPLETE).touch()
-
-
-def drop_incomplete_checkpoints(folder):
-    """Removes checkpoints a killed run left half-written, so that recovery loads the last whole one."""
-    import shutil
-
-    for ckpt in sorted(Path(folder).glob("CKPT+*")):
-        if not (ckpt / COMPLETE).exists():
-            logger.warning("removing incomplete checkpoint %s (the run was stopped while saving it)", ckpt)
-            shutil.rmtree(ckpt)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -355,7 +336,8 @@ def main(argv):
     if hparams["freeze_encoder"]:
         modules["encoder"].requires_grad_(False)
 
-    run_on_main(drop_incomplete_checkpoints, args=[checkpointer.checkpoints_dir])
+    run_on_main(remove_incomplete_checkpoints, args=[checkpointer.checkpoints_dir])
+    mark_complete_on_save(checkpointer)
     brain = AudioClassifier(modules=modules, opt_class=hparams["opt_class"], hparams=hparams,
                             run_opts=run_opts, checkpointer=checkpointer)
     world = int(os.environ.get("WORLD_SIZE", "1"))
