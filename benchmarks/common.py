@@ -11,6 +11,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import queue as queue_module
 import resource
 import statistics
 import time
@@ -65,10 +66,18 @@ def measure(setup: Callable, *args: Any, repeats: int = 5, warmup: int = 1, thre
     queue = ctx.Queue()
     proc = ctx.Process(target=_worker, args=(queue, setup, args, repeats, warmup, threads))
     proc.start()
-    try:
-        result = queue.get(timeout=timeout_s)
-    except Exception:
-        result = {"ok": False, "error": f"no result (exit code {proc.exitcode}; killed or timed out)"}
+    result = None
+    deadline = time.monotonic() + timeout_s
+    while result is None and time.monotonic() < deadline:
+        try:
+            result = queue.get(timeout=1.0)
+        except queue_module.Empty:
+            if not proc.is_alive() and queue.empty():  # died without a word: out of memory, signal
+                break
+    if result is None:
+        proc.join(timeout=1)
+        why = "timed out" if proc.exitcode is None else f"exit code {proc.exitcode}, e.g. killed for memory"
+        result = {"ok": False, "error": f"no result ({why})"}
     proc.join(timeout=10)
     if proc.is_alive():
         proc.kill()

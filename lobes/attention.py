@@ -638,6 +638,7 @@ class MultiDConvHeadAttention(MultiHeadAttention):
         if q.size(1) == k.size(1) and k.size(1) == v.size(1):  # one conv over the stacked q, k, v
             qkv = torch.cat([q, k, v], dim=-1)  # (B, T, 3d)
             w = torch.cat([self._kernel(self.q_dconv), self._kernel(self.k_dconv), self._kernel(self.v_dconv)])
-            return self._dconv(qkv, w).chunk(3, dim=-1)
+            # contiguous parts: strided views would push SDPA off its fused path onto the (L, S) one
+            return tuple(part.contiguous() for part in self._dconv(qkv, w).chunk(3, dim=-1))
         return (self._dconv(q, self._kernel(self.q_dconv)), self._dconv(k, self._kernel(self.k_dconv)),
                 self._dconv(v, self._kernel(self.v_dconv)))

@@ -7,6 +7,7 @@ from speechbrain.lobes.models.transformer.Transformer import PositionalEncoding 
 from speechbrain.nnet.attention import MultiheadAttention as SBMultiheadAttention
 from speechbrain.nnet.attention import PositionalwiseFeedForward
 
+from memory_probe import largest_storage
 from lobes.attention import (
     DCONV_VARIANTS,
     MultiDConvHeadAttention,
@@ -295,3 +296,13 @@ def test_dconv_cross_attention_shapes():
     out, weights = net(q, k, v, key_padding_mask=_padding_mask([9, 4], 9))
     assert out.shape == (2, 5, D) and weights.shape == (2, 5, 9)
     assert not weights[1, :, 4:].any()
+
+
+@pytest.mark.parametrize("make", [lambda: MultiHeadAttention(2, 16), lambda: MultiDConvHeadAttention(2, 16)],
+                         ids=["mha", "dconv"])
+def test_fused_path_allocates_nothing_quadratic(make):
+    """Without requested weights or masks, attention stays on SDPA's fused path: no (B, H, L, L) scores."""
+    module, (B, L) = make(), (2, 1024)
+    x = torch.randn(B, L, 16, requires_grad=True)
+    largest = largest_storage(lambda: module(x, x, x, return_attn_weights=False).sum().backward())
+    assert largest < B * 2 * L * L * 4 / 16

@@ -6,13 +6,12 @@ import itertools
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from speechbrain.nnet import hypermixing as sb_hm
 
 from lobes.attention import sinusoidal_table
 from lobes.compat import convert_speechbrain_state_dict
 from lobes.hypermixing import HyperMixing, HyperNetwork, ParallelMLPs
+from memory_probe import largest_storage
 
 D, HYPER = 64, 128
 CONFIGS = list(itertools.product([1, 4, 8], [False, True], [False, True]))  # heads, tied, fix_tm_hidden_size
@@ -127,28 +126,15 @@ def test_weights_are_stride0_zeros_without_quadratic_storage():
     assert not weights.any()
 
 
-class _LargestStorage(TorchDispatchMode):
-    """Records the largest storage produced by any operator (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.untyped_storage().nbytes())
-        return out
-
-
 def _largest_allocation(module, x):
     """Largest tensor storage (bytes) created during forward + backward."""
     x = x.clone().requires_grad_()
-    with _LargestStorage() as probe:
+
+    def step():
         out, weights = module(x, x, x)
         out.sum().backward()
-    return probe.largest
+
+    return largest_storage(step)
 
 
 def test_memory_is_linear_in_length():
