@@ -31,6 +31,26 @@ def _rss_mib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _allocated_peak_mib(step: Callable) -> float:
+    """Peak of live tensor memory during one more (untimed) ``step()``, from torch's allocation events.
+
+    This is the CPU counterpart of ``torch.cuda.max_memory_allocated``: it counts what tensors need, not what
+    the C allocator keeps. Peak RSS alone misleads on glibc, whose heap keeps freed blocks below its mmap
+    threshold (32 MiB at most), so a run whose tensors sit just under it looks larger than one above it.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    changes = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
+                     if e.self_cpu_memory_usage)  # allocations (+) and frees (-), in time order
+    live = peak = 0
+    for _, delta in changes:
+        live += delta
+        peak = max(peak, live)
+    return peak / 2**20
+
+
 def _worker(queue, setup: Callable, args: tuple, repeats: int, warmup: int, threads: int) -> None:
     try:
         import torch
@@ -47,7 +67,7 @@ def _worker(queue, setup: Callable, args: tuple, repeats: int, warmup: int, thre
             times.append(time.perf_counter() - t0)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
         queue.put({"ok": True, "time_s": statistics.median(times), "times_s": times,
-                   "peak_mib": max(peak - base, 0.0)})
+                   "peak_mib": max(peak - base, 0.0), "alloc_peak_mib": _allocated_peak_mib(step)})
     except Exception as exc:  # reported to the parent, which records the failure in the table
         queue.put({"ok": False, "error": f"{type(exc).__name__}: {exc}",
                    "trace": traceback.format_exc(limit=3)})
@@ -58,8 +78,9 @@ def measure(setup: Callable, *args: Any, repeats: int = 5, warmup: int = 1, thre
     """Run ``setup(*args)()`` ``warmup + repeats`` times in a fresh process.
 
     ``setup`` must be a module-level function (it is pickled by reference). It builds what the step needs
-    and returns the step. Returns ``{"ok", "time_s" (median), "times_s", "peak_mib"}`` where ``peak_mib``
-    is the peak resident memory above the level reached once the model and inputs existed, or
+    and returns the step. Returns ``{"ok", "time_s" (median), "times_s", "peak_mib", "alloc_peak_mib"}``
+    where ``peak_mib`` is the peak resident memory above the level reached once the model and inputs
+    existed and ``alloc_peak_mib`` the peak of live tensor memory during one extra step, or
     ``{"ok": False, "error": ...}`` when the step failed (an exception or out of memory).
     """
     ctx = mp.get_context("spawn")
