@@ -16,6 +16,7 @@ import resource
 import statistics
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,10 +39,13 @@ def _allocated_peak_mib(step: Callable) -> float:
     the C allocator keeps. Peak RSS alone misleads on glibc, whose heap keeps freed blocks below its mmap
     threshold (32 MiB at most), so a run whose tensors sit just under it looks larger than one above it.
     """
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet: no GPU probing messages on CPU machines
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
     changes = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
                      if e.self_cpu_memory_usage)  # allocations (+) and frees (-), in time order
     live = peak = 0
