@@ -26,6 +26,8 @@ import torch
 from speechbrain.nnet.normalization import LayerNorm
 from torch import nn
 
+from lobes.features import lengths_to_padding_mask  # re-exported: the encoder's callers build masks with it
+
 __all__ = [
     "ConvolutionModule",
     "ConformerEncoderLayer",
@@ -38,33 +40,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MixerSpec = Union[nn.Module, Callable[[], nn.Module]]
-
-
-def lengths_to_padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
-    """Boolean key-padding mask, ``True`` on padded frames.
-
-    Arguments
-    ---------
-    lengths : torch.Tensor
-        (B,) number of valid frames per sequence (integer or float, absolute, not relative).
-    max_len : int
-        Padded length T.
-
-    Returns
-    -------
-    torch.Tensor
-        (B, T) bool, ``True`` where a frame is padding.
-
-    Example
-    -------
-    >>> lengths_to_padding_mask(torch.tensor([3, 1]), 4)
-    tensor([[False, False, False,  True],
-            [False,  True,  True,  True]])
-    """
-    if lengths.dim() != 1:
-        raise ValueError(f"expected lengths of shape (B,), got {tuple(lengths.shape)}")
-    positions = torch.arange(max_len, device=lengths.device)
-    return positions.unsqueeze(0) >= lengths.round().long().unsqueeze(1)  # (B, T)
 
 
 def _zero_padding(x: torch.Tensor, pad_mask: Optional[torch.Tensor]) -> torch.Tensor:

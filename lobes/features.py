@@ -152,7 +152,7 @@ def lengths_to_mask(lengths: Tensor, max_len: int | None = None) -> Tensor:
     Arguments
     ---------
     lengths : torch.Tensor
-        ``(B,)`` integer lengths.
+        ``(B,)`` lengths, integer or float (rounded to the nearest integer).
     max_len : int, optional
         Width of the mask (default: ``lengths.max()``).
 
@@ -167,6 +167,10 @@ def lengths_to_mask(lengths: Tensor, max_len: int | None = None) -> Tensor:
     tensor([[ True,  True,  True, False],
             [ True, False, False, False]])
     """
+    if lengths.dim() != 1:
+        raise ValueError(f"expected lengths of shape (B,), got {tuple(lengths.shape)}")
+    if lengths.is_floating_point():  # absolute lengths derived from relative ones carry rounding error
+        lengths = lengths.round().long()
     if max_len is None:
         max_len = int(lengths.max()) if lengths.numel() else 0
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
@@ -179,7 +183,7 @@ def lengths_to_padding_mask(lengths: Tensor, max_len: int | None = None) -> Tens
     Arguments
     ---------
     lengths : torch.Tensor
-        ``(B,)`` integer lengths.
+        ``(B,)`` lengths, integer or float (rounded to the nearest integer).
     max_len : int, optional
         Width of the mask (default: ``lengths.max()``).
 

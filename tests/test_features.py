@@ -176,3 +176,11 @@ def test_length_utilities():
     mask = lengths_to_mask(torch.tensor([2, 0, 3]), 3)
     assert mask.tolist() == [[True, True, False], [False, False, False], [True, True, True]]
     assert torch.equal(lengths_to_padding_mask(torch.tensor([2, 0, 3]), 3), ~mask)
+
+
+def test_float_lengths_round_to_the_nearest_frame():
+    """Absolute lengths computed as relative length x T (e.g. 0.6 * 5 = 3.0000000000000004) round."""
+    expected = lengths_to_padding_mask(torch.tensor([3, 3]), 5)
+    assert torch.equal(lengths_to_padding_mask(torch.tensor([2.9999, 3.0001]), 5), expected)
+    with pytest.raises(ValueError, match="shape"):
+        lengths_to_mask(torch.tensor([[3]]), 5)
