@@ -6,7 +6,7 @@ attention (speechbrain's ``RelPosMHAXL``, quadratic). speechbrain's own
 ``ConformerEncoder(attention_type="hypermixing")`` runs as a third column. Lengths are 5, 15, 30, 60 s of
 audio at 100 frames/s before the 4x subsampling, i.e. 25 encoder frames per second.
 
-    python benchmarks/asr_encoder.py            # full run (lead's idle machine)
+    python benchmarks/asr_encoder.py            # full run (on an otherwise idle machine)
     python benchmarks/asr_encoder.py --quick    # smoke test
 """
 
