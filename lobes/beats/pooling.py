@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lobes.features import num_frames, to_sample_lengths
+from lobes.features import lengths_to_padding_mask, num_frames, to_sample_lengths
 
 __all__ = [
     "NUM_MEL_BINS",
@@ -88,9 +88,8 @@ def token_padding_mask(wav: Tensor, wav_lens: Tensor | None = None, patch_size: 
     """
     f_patches = NUM_MEL_BINS // patch_size
     t_total = num_frames(wav.shape[-1], _WINDOW, _SHIFT) // patch_size
-    samples = to_sample_lengths(wav_lens, wav.shape[0], wav.shape[-1], device=wav.device)
-    t_valid = num_frames(samples, _WINDOW, _SHIFT) // patch_size  # (B,)
-    pad = torch.arange(t_total, device=wav.device)[None, :] >= t_valid[:, None]  # (B, T_time)
+    t_valid = valid_token_counts(wav, wav_lens, patch_size) // f_patches  # (B,) valid time patches
+    pad = lengths_to_padding_mask(t_valid, t_total)  # (B, T_time)
     return pad.repeat_interleave(f_patches, dim=1)  # (B, T_time * F)
 
 
