@@ -234,25 +234,26 @@ def _mel_matrix_cpu(num_bins: int, padded: int, sample_frequency: float, low_fre
     return banks.t().contiguous()  # (padded/2 + 1, num_bins)
 
 
-def _window_cpu(window_type: str, size: int, blackman_coeff: float) -> Tensor:
-    """Window in float64 (cast to the compute dtype by the caller, as Kaldi builds it in that dtype)."""
-    f64 = torch.float64
+def _window_cpu(window_type: str, size: int, blackman_coeff: float, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Window built directly in the compute ``dtype``, as torchaudio builds it (a float64 window rounded
+    to float32 differs from it by up to 2e-7)."""
     if window_type == "hanning":
-        return torch.hann_window(size, periodic=False, dtype=f64)
+        return torch.hann_window(size, periodic=False, dtype=dtype)
     if window_type == "hamming":
-        return torch.hamming_window(size, periodic=False, alpha=0.54, beta=0.46, dtype=f64)
+        return torch.hamming_window(size, periodic=False, alpha=0.54, beta=0.46, dtype=dtype)
     if window_type == "povey":
-        return torch.hann_window(size, periodic=False, dtype=f64).pow(0.85)
+        return torch.hann_window(size, periodic=False, dtype=dtype).pow(0.85)
     if window_type == "rectangular":
-        return torch.ones(size, dtype=f64)
+        return torch.ones(size, dtype=dtype)
     if window_type == "blackman":
         a = 2 * math.pi / (size - 1)
-        n = torch.arange(size, dtype=f64)
+        n = torch.arange(size, dtype=dtype)
         return blackman_coeff - 0.5 * torch.cos(a * n) + (0.5 - blackman_coeff) * torch.cos(2 * a * n)
     raise ValueError(f"unknown window_type {window_type!r}; expected one of {KALDI_WINDOW_TYPES}")
 
 
 _DEVICE_CACHE: dict = {}
+_FBANK_BLOCK_FRAMES = 2048  # frames (all rows together) per block of the CPU fbank
 
 
 def _cached(kind: str, key: tuple, device: torch.device, dtype: torch.dtype, build) -> Tensor:
@@ -266,49 +267,32 @@ def _cached(kind: str, key: tuple, device: torch.device, dtype: torch.dtype, bui
     return hit
 
 
-def _fill_frames(x: Tensor, out: Tensor, shift: int, remove_dc_offset: bool, preemph: float) -> None:
-    """Write the DC-free, pre-emphasised frames of ``x`` (B, T) into ``out`` (B, M, window), unwindowed.
+class _FrameSource:
+    """DC-free, pre-emphasised (unwindowed) frames, written a range of frames at a time.
 
-    Kaldi removes each frame's mean ``m`` and then pre-emphasises within the frame,
-    ``y[n] = z[n] - c * z[n-1]`` with ``z = frame - m`` and ``z[-1] := z[0]``. Algebraically
-    ``y[n] = e[s+n] - (1-c) m`` for ``n >= 1``, where ``e[t] = x[t] - c * x[t-1]`` is pre-emphasis of the
-    whole signal (shared by overlapping frames), and ``y[0] = (1-c) (x[s] - m)``. So one pass over the
-    frames suffices; the frame means come from sums of ``gcd(window, shift)``-sample blocks.
+    Frames are read from a strided view of the signal (never materialised as a whole) and processed in the order
+    and with the operations of torchaudio's ``kaldi.fbank``: the mean over the window is removed first, then
+    ``y[n] = z[n] - c * z[n-1]`` with ``z[-1] := z[0]`` (Kaldi's replicate padding). Float32 rounding then
+    follows the reference's: with loud input (BEATs feeds ``wav * 2**15``) the pre-emphasis high-pass
+    leaves the lowest mel bins small next to the rounding of the raw frame, and another, equally valid
+    order of operations moves their log energies by up to ~2e-3.
     """
-    B, M, size = out.shape
-    if preemph != 0.0:
-        e = torch.empty_like(x)  # (B, T)
-        torch.sub(x[:, 1:], x[:, :-1], alpha=preemph, out=e[:, 1:])
-        e[:, :1] = x[:, :1]  # only read for frames starting at 0, where out[..., 0] is overwritten below
-    else:
-        e = x
-    starts = x[:, : (M - 1) * shift + 1 : shift]  # (B, M) first sample of each frame
-    if remove_dc_offset:
-        block = math.gcd(size, shift)
-        n_blocks = ((M - 1) * shift + size) // block
-        sums = x[:, : n_blocks * block].reshape(B, n_blocks, block).sum(-1)  # (B, n_blocks)
-        means = sums.unfold(1, size // block, shift // block).sum(-1) / size  # (B, M)
-        torch.sub(e.unfold(1, size, shift), means.unsqueeze(-1), alpha=1.0 - preemph, out=out)
-        out[..., 0] = (starts - means) * (1.0 - preemph)
-    else:
-        out.copy_(e.unfold(1, size, shift))
-        out[..., 0] = starts * (1.0 - preemph)
 
+    def __init__(self, frames: Tensor, remove_dc_offset: bool, preemph: float):
+        self.frames = frames  # (B, M, window), typically a strided view of the signal
+        self.remove_dc_offset = remove_dc_offset
+        self.preemph = preemph
 
-def _fill_frames_dithered(x: Tensor, out: Tensor, shift: int, dither: float, remove_dc_offset: bool,
-                          preemph: float) -> None:
-    """As :func:`_fill_frames`, with Gaussian dither added to each frame's samples first (as Kaldi does)."""
-    size = out.shape[-1]
-    frames = x.unfold(1, size, shift)  # (B, M, window) strided view
-    frames = frames + torch.randn_like(frames) * dither
-    if remove_dc_offset:
-        frames = frames - frames.mean(dim=-1, keepdim=True)
-    if preemph != 0.0:
-        # y[n] = z[n] - c * z[n-1], with z[-1] := z[0] (Kaldi's replicate padding)
-        torch.sub(frames[..., 1:], frames[..., :-1], alpha=preemph, out=out[..., 1:])
-        out[..., 0] = frames[..., 0] * (1.0 - preemph)
-    else:
-        out.copy_(frames)
+    def write(self, out: Tensor, m0: int, m1: int) -> None:
+        """Frames ``m0:m1`` into ``out`` (B, m1 - m0, window)."""
+        frames = self.frames[:, m0:m1]
+        if self.remove_dc_offset:
+            frames = frames - frames.mean(dim=-1, keepdim=True)
+        if self.preemph == 0.0:
+            out.copy_(frames)
+            return
+        torch.sub(frames[..., 1:], self.preemph * frames[..., :-1], out=out[..., 1:])
+        torch.sub(frames[..., :1], self.preemph * frames[..., :1], out=out[..., :1])
 
 
 def _check_waveforms(waveforms: Tensor) -> None:
@@ -355,8 +339,9 @@ def kaldi_fbank(
 ) -> Tensor:
     """Kaldi log-mel filterbank of a batch, equal per row to ``torchaudio.compliance.kaldi.fbank``.
 
-    All rows are processed together on the waveforms' device (no loop over rows). Defaults are
-    torchaudio's; BEATs uses ``num_mel_bins=128`` with the other defaults on ``wav * 2**15``.
+    All rows are processed together on the waveforms' device (no loop over rows; on CPU the frames go
+    through in cache-sized blocks of time, all rows at once). Each frame sees torchaudio's operations in
+    torchaudio's order, so float32 results agree with it to rounding (~1e-6). Defaults are torchaudio's; BEATs uses ``num_mel_bins=128`` with the other defaults on ``wav * 2**15``.
     Half-precision input is computed in float32 (the result is float32); float64 stays float64.
     Autocast is disabled inside, so reduced-precision regions do not lower the fbank's precision.
 
@@ -429,31 +414,37 @@ round_to_power_of_two, subtract_mean : see ``torchaudio.compliance.kaldi.fbank``
     with torch.autocast(device.type, enabled=False):
         x = waveforms.to(dtype)
         window = _cached("window", (window_type, window_size, blackman_coeff), device, dtype,
-                         lambda: _window_cpu(window_type, window_size, blackman_coeff))
-        buf = x.new_empty((B, M, padded))  # (B, M, padded)
-        buf[..., window_size:] = 0.0  # FFT zero padding (only the tail is cleared)
-        frames = buf[..., :window_size]  # (B, M, window) view of buf
-        if dither != 0.0:
-            _fill_frames_dithered(x, frames, window_shift, dither, remove_dc_offset, preemphasis_coefficient)
-        else:
-            _fill_frames(x, frames, window_shift, remove_dc_offset, preemphasis_coefficient)
-        frames.mul_(window)
-        spec = torch.view_as_real(torch.fft.rfft(buf))  # (B, M, padded/2 + 1, 2)
+                         lambda: _window_cpu(window_type, window_size, blackman_coeff, dtype))
+        frames = x.unfold(1, window_size, window_shift)  # (B, M, window) strided view, no copy
+        if dither != 0.0:  # Gaussian noise added to each frame's samples, as Kaldi does (materialises the frames)
+            frames = frames + torch.randn_like(frames) * dither
+        source = _FrameSource(frames, remove_dc_offset, preemphasis_coefficient)
         mel_key = (num_mel_bins, padded, float(sample_frequency), float(low_freq), float(high_freq))
-        if use_power:
-            # |X|^2 folded into the mel product: square re and im in place and multiply by the mel matrix with
-            # each row repeated for (re, im); the Nyquist bin carries no weight and is skipped
-            mel2 = _cached("mel2", mel_key, device, dtype,
-                           lambda: _mel_matrix_cpu(*mel_key)[: padded // 2].repeat_interleave(2, dim=0))
-            squares = spec.square_().flatten(-2)[..., :padded]  # (B, M, padded) = re0^2, im0^2, re1^2, ...
-            feats = torch.matmul(squares, mel2)  # (B, M, num_mel_bins)
-        else:
-            re, im = spec.unbind(-1)  # each (B, M, padded/2 + 1)
-            magnitude = torch.mul(re, re).addcmul_(im, im).sqrt_()
-            mel = _cached("mel", mel_key, device, dtype, lambda: _mel_matrix_cpu(*mel_key))
-            feats = torch.matmul(magnitude, mel)  # (B, M, num_mel_bins)
-        if use_log_fbank:
-            feats = feats.clamp_min_(_EPSILON).log_()
+        # the Nyquist bin carries no mel weight and is skipped
+        mel = _cached("mel", mel_key, device, dtype, lambda: _mel_matrix_cpu(*mel_key)[: padded // 2])
+        feats = x.new_empty((B, M, num_mel_bins))
+        # Frames go through in blocks of time (all rows at once) whose buffers are allocated once and stay
+        # in cache: the whole-batch intermediates would be (B, M, padded) tensors of tens of MB each.
+        step = M if device.type != "cpu" else max(1, min(M, _FBANK_BLOCK_FRAMES // B))
+        buf = x.new_zeros((B, step, padded))  # FFT zero padding: the tail is never written
+        spec = torch.empty((B, step, padded // 2 + 1), dtype=torch.complex128 if dtype == torch.float64
+                           else torch.complex64, device=device)
+        for m0 in range(0, M, step):
+            m1 = min(M, m0 + step)
+            n = m1 - m0
+            block_frames = buf[:, :n, :window_size]
+            source.write(block_frames, m0, m1)
+            block_frames.mul_(window)
+            block_spec = spec[:, :n]
+            torch.fft.rfft(buf[:, :n], out=block_spec)
+            re, im = torch.view_as_real(block_spec[..., : padded // 2]).unbind(-1)  # each (B, n, padded/2)
+            power = torch.mul(re, re).addcmul_(im, im)  # |X|^2
+            if not use_power:
+                power.sqrt_()
+            block = torch.matmul(power, mel)  # (B, n, num_mel_bins)
+            if use_log_fbank:
+                block.clamp_min_(_EPSILON).log_()
+            feats[:, m0:m1] = block
         if sample_lens is not None:
             valid = lengths_to_mask(num_frames(sample_lens, window_size, window_shift), M)  # (B, M)
             if subtract_mean:

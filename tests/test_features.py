@@ -47,7 +47,9 @@ def test_float32_rounding_is_no_worse_than_torchaudio():
     ref32 = _reference(wav, **BEATS_OPTS)
     ref64 = _reference(wav.double(), **BEATS_OPTS).float()
     assert (ours - ref64).abs().max() <= (ref32 - ref64).abs().max() + 1e-4
-    assert ((ours - ref32).abs() < TOL).float().mean() > 0.9999
+    # the frames go through the reference's operations in its order (window built in float32 as torchaudio
+    # builds it), so even these ill-conditioned bins agree with torchaudio's float32 result
+    assert (ours - ref32).abs().max() < 1e-4
 
 
 def test_dither_only_adds_small_noise():
