@@ -15,8 +15,10 @@ Decoding reuses speechbrain's searchers: :func:`ctc_greedy_decode` wraps
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional, Sequence
+from collections import Counter
+from typing import Callable, Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 from speechbrain.lobes.features import Fbank
 from speechbrain.nnet.linear import Linear
@@ -24,7 +26,7 @@ from torch import nn
 
 from lobes.conformer import lengths_to_padding_mask
 
-__all__ = ["ConvFrontEnd", "AttentionDecoder", "ASRModel", "ctc_greedy_decode"]
+__all__ = ["ConvFrontEnd", "AttentionDecoder", "ASRModel", "LexiconCorrector", "ctc_greedy_decode"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,79 @@ def ctc_greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor, blank_inde
     from speechbrain.decoders.ctc import ctc_greedy_decode as _sb_greedy
 
     return _sb_greedy(log_probs, lengths.float() / log_probs.shape[1], blank_id=blank_index)
+
+
+class LexiconCorrector:
+    """Replaces each hypothesis word that is outside a closed vocabulary by the nearest vocabulary word.
+
+    Distance is the character Levenshtein distance; ties go to the word seen most often (then to the
+    alphabetically first). Useful when the task's vocabulary is known, e.g. the words of the training
+    transcripts of the embedded corpus. Words farther than ``max_distance`` (if given) are kept as they are.
+
+    Arguments
+    ---------
+    words : Iterable[str]
+        The vocabulary, with repetitions (repetitions count as frequency for tie-breaking).
+    max_distance : int, optional
+        Largest edit distance that is corrected.
+
+    Example
+    -------
+    >>> fix = LexiconCorrector("THE DOG SAW THE CAT".split())
+    >>> fix("THE DOQ SAV THF CAT".split())
+    ['THE', 'DOG', 'SAW', 'THE', 'CAT']
+    """
+
+    def __init__(self, words: Iterable[str], max_distance: Optional[int] = None):
+        counts = Counter(w for w in words if w)
+        if not counts:
+            raise ValueError("LexiconCorrector needs at least one non-empty word")
+        self.words = sorted(counts, key=lambda w: (-counts[w], w))  # tie-break order
+        self.vocabulary = set(self.words)
+        self.max_distance = max_distance
+        width = max(len(w) for w in self.words)
+        codes = np.zeros((len(self.words), width), dtype=np.int32)
+        for i, w in enumerate(self.words):
+            codes[i, : len(w)] = [ord(c) for c in w]
+        self._codes = codes
+        self._lengths = np.array([len(w) for w in self.words])
+        self._cache: dict[str, str] = {}
+
+    @classmethod
+    def from_transcripts(cls, transcripts: Iterable[str], max_distance: Optional[int] = None) -> "LexiconCorrector":
+        """A corrector whose vocabulary is the words of ``transcripts`` (strings of space-separated words)."""
+        return cls((w for t in transcripts for w in t.split()), max_distance)
+
+    def distances(self, word: str) -> np.ndarray:
+        """Levenshtein distance from ``word`` to every vocabulary word (in :attr:`words` order)."""
+        n, width = self._codes.shape
+        # prev[k, j]: distance between the prefix of `word` read so far and the first j letters of entry k
+        prev = np.broadcast_to(np.arange(width + 1), (n, width + 1)).copy()
+        for i, char in enumerate(word, start=1):
+            cur = np.empty_like(prev)
+            cur[:, 0] = i
+            substitution = prev[:, :-1] + (self._codes != ord(char))
+            deletion = prev[:, 1:] + 1
+            best = np.minimum(substitution, deletion)
+            for j in range(1, width + 1):  # insertions run along the entry
+                cur[:, j] = np.minimum(best[:, j - 1], cur[:, j - 1] + 1)
+            prev = cur
+        return prev[np.arange(n), self._lengths]
+
+    def correct_word(self, word: str) -> str:
+        """``word`` itself if it is in the vocabulary, else its nearest vocabulary word."""
+        if word in self.vocabulary:
+            return word
+        hit = self._cache.get(word)
+        if hit is None:
+            dist = self.distances(word)
+            best = int(np.argmin(dist))  # first minimum = most frequent among the nearest
+            hit = word if self.max_distance is not None and dist[best] > self.max_distance else self.words[best]
+            self._cache[word] = hit
+        return hit
+
+    def __call__(self, words: Sequence[str]) -> list[str]:
+        return [self.correct_word(w) for w in words]
 
 
 class ConvFrontEnd(nn.Module):
@@ -200,7 +275,7 @@ class ASRModel(nn.Module):
     frontend_channels : Sequence[int]
         Channels of the front-end blocks (each halves the frame rate).
     dropout : float
-        Dropout after the input projection and in the front-end.
+        Dropout after the input projection (and in the front-end unless ``frontend_dropout`` is given).
     pos_encoding : nn.Module, optional
         Absolute positional encoding added before the encoder (for mixers without their own positions).
     decoder : AttentionDecoder, optional
@@ -209,6 +284,11 @@ class ASRModel(nn.Module):
         Expected sample rate of the waveforms.
     n_fft : int
         FFT size of the fbank (25 ms at 16 kHz by default); the hop is 10 ms.
+    frontend_dropout : float, optional
+        Dropout inside the front-end (default: ``dropout``). Its activations are the largest tensors of the
+        model, so dropout there costs a sizeable share of a CPU training step.
+
+    The fbank and its normalisation always run in float32, also inside ``torch.autocast``.
 
     Example
     -------
@@ -223,12 +303,13 @@ class ASRModel(nn.Module):
     def __init__(self, encoder: nn.Module, vocab_size: int, d_model: int, n_mels: int = 80,
                  frontend_channels: Sequence[int] = (64, 32), dropout: float = 0.1,
                  pos_encoding: Optional[nn.Module] = None, decoder: Optional[AttentionDecoder] = None,
-                 sample_rate: int = 16000, n_fft: int = 400):
+                 sample_rate: int = 16000, n_fft: int = 400, frontend_dropout: Optional[float] = None):
         super().__init__()
         self.sample_rate = sample_rate
         self.hop_length = sample_rate // 100  # 10 ms
         self.compute_fbank = Fbank(sample_rate=sample_rate, n_fft=n_fft, n_mels=n_mels)
-        self.frontend = ConvFrontEnd(n_mels, frontend_channels, dropout=dropout)
+        self.frontend = ConvFrontEnd(n_mels, frontend_channels,
+                                     dropout=dropout if frontend_dropout is None else frontend_dropout)
         self.proj = nn.Sequential(nn.Linear(self.frontend.output_size, d_model), nn.Dropout(dropout))
         self.pos_encoding = pos_encoding
         self.encoder = encoder
@@ -254,6 +335,10 @@ class ASRModel(nn.Module):
             raise ValueError(f"expected wav_lens of shape ({wavs.shape[0]},), got {tuple(wav_lens.shape)}")
         samples = torch.round(wav_lens.float() * wavs.shape[1]).long()
         lengths = torch.div(samples, self.hop_length, rounding_mode="floor") + 1  # centred frames
+        with torch.autocast(wavs.device.type, enabled=False):
+            return self._normalised_fbank(wavs.float(), lengths)
+
+    def _normalised_fbank(self, wavs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.compute_fbank(wavs)  # (B, T, F)
         lengths = lengths.clamp(max=feats.shape[1])
         keep = (~lengths_to_padding_mask(lengths, feats.shape[1])).unsqueeze(-1).to(feats.dtype)  # (B, T, 1)
@@ -274,8 +359,8 @@ class ASRModel(nn.Module):
         return out, lengths
 
     def ctc_log_probs(self, enc: torch.Tensor) -> torch.Tensor:
-        """(B, T', D) -> (B, T', V) CTC log-probabilities."""
-        return torch.log_softmax(self.ctc_lin(enc), dim=-1)
+        """(B, T', D) -> (B, T', V) CTC log-probabilities (float32, also under autocast)."""
+        return torch.log_softmax(self.ctc_lin(enc).float(), dim=-1)
 
     def decode(self, tokens: torch.Tensor, enc: torch.Tensor,
                enc_lens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,5 +406,5 @@ class ASRModel(nn.Module):
         seq = None
         if tokens_bos is not None:
             hidden, _ = self.decode(tokens_bos, enc, lengths)
-            seq = torch.log_softmax(self.seq_lin(hidden), dim=-1)
+            seq = torch.log_softmax(self.seq_lin(hidden).float(), dim=-1)
         return self.ctc_log_probs(enc), lengths, seq

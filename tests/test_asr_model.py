@@ -3,6 +3,7 @@
 import functools
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hyperpyyaml import load_hyperpyyaml
@@ -138,3 +139,33 @@ def test_recipe_yaml_loads_a_preset(recipe, tmp_path):
     assert hp["model"] is hp["modules"]["model"]
     assert hp["model"].ctc_lin.out_features == hp["output_neurons"]
     assert list(hp)[0] == "seed" and hp["dataset"] == "embedded"
+
+
+def _levenshtein(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def test_lexicon_corrector_distances_and_choices():
+    from lobes.asr import LexiconCorrector
+
+    rng = np.random.default_rng(0)
+    vocab = ["".join(rng.choice(list("ABCDE"), rng.integers(1, 7))) for _ in range(40)]
+    fix = LexiconCorrector(vocab)
+    for _ in range(30):
+        word = "".join(rng.choice(list("ABCDEF"), rng.integers(1, 9)))
+        dist = fix.distances(word)
+        assert dist.tolist() == [_levenshtein(word, w) for w in fix.words]
+        out = fix.correct_word(word)
+        assert out == word if word in fix.vocabulary else _levenshtein(word, out) == dist.min()
+    # ties go to the more frequent word; max_distance keeps far words
+    tied = LexiconCorrector(["CAT", "BAT", "BAT"])
+    assert tied(["XAT", "CAT"]) == ["BAT", "CAT"]
+    assert LexiconCorrector(["CAT"], max_distance=1)(["DOG", "CAR"]) == ["DOG", "CAT"]
+    assert LexiconCorrector.from_transcripts(["A B", "B C"]).vocabulary == {"A", "B", "C"}
+    with pytest.raises(ValueError, match="at least one"):
+        LexiconCorrector([])

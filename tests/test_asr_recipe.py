@@ -61,7 +61,8 @@ def _args(corpus, out, epochs, *extra):
     return ["recipes/ASR/hparams/hyperconformer.yaml", "--dataset=csv", f"--train_csv={corpus['train']}",
             f"--valid_csv={corpus['valid']}", f"--test_csv={corpus['test']}", f"--output_folder={out}",
             "--noise_csv=null", "--num_workers=0", f"--number_of_epochs={epochs}", "--batch_size=8",
-            "--n_warmup_steps=4", "--lr=0.005", f"--preset={TINY}", *extra]
+            "--n_warmup_steps=4", "--lr=0.005", f"--preset={TINY}",
+            *([] if any(a.startswith("--dynamic_batching") for a in extra) else ["--dynamic_batching=False"]), *extra]
 
 
 def _env():
@@ -76,6 +77,13 @@ def _run(args, timeout=300, launcher=None):
     return proc
 
 
+def _test_wer(out):
+    """The greedy test WER (first line of test_wer.txt) and the lexicon-corrected one (second line)."""
+    lines = (out / "test_wer.txt").read_text().splitlines()
+    assert lines[1].startswith("lexicon-corrected: ")
+    return float(lines[0]), float(lines[1].split(": ")[1])
+
+
 def _history(out):
     return json.loads((out / "history.json").read_text())
 
@@ -88,9 +96,10 @@ def test_tiny_training_then_resume_with_a_higher_epoch_limit(corpus, tmp_path):
     assert history["2"]["train_loss"] < history["1"]["train_loss"]
     assert history["2"]["valid_loss"] < history["1"]["valid_loss"]
     assert (out / "curves.png").stat().st_size > 0
-    wer = float((out / "test_wer.txt").read_text())
-    assert 0.0 <= wer <= 200.0
+    wer, lexicon_wer = _test_wer(out)
+    assert 0.0 <= wer <= 200.0 and 0.0 <= lexicon_wer <= 200.0
     assert "test_0" in (out / "wer.txt").read_text()
+    assert "test_0" in (out / "wer_lexicon.txt").read_text()
     log_before = (out / "log.txt").read_text()
     assert "Going into epoch 2" in log_before and "Going into epoch 3" not in log_before
 
@@ -104,7 +113,9 @@ def test_tiny_training_then_resume_with_a_higher_epoch_limit(corpus, tmp_path):
 
 def test_kill_during_training_then_resume(corpus, tmp_path):
     out = tmp_path / "killed"
-    args = _args(corpus, out, 1, "--ckpt_interval_minutes=0", "--ckpt_interval_steps=1")
+    # length-bucketed batches (2 s of audio each): resuming mid-epoch goes through speechbrain's batch sampler
+    args = _args(corpus, out, 1, "--ckpt_interval_minutes=0", "--ckpt_interval_steps=1", "--dynamic_batching=True",
+                 "--max_batch_len=2", "--num_buckets=3")
     proc = subprocess.Popen([sys.executable, str(TRAIN)] + args, cwd=ROOT, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -131,7 +142,8 @@ def test_two_process_ddp_debug_run(corpus, tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
-    _run(_args(corpus, out, 1, "--debug", "--distributed_backend=gloo"), launcher=launcher)
+    _run(_args(corpus, out, 1, "--debug", "--distributed_backend=gloo", "--dynamic_batching=True", "--max_batch_len=2",
+               "--num_buckets=3"), launcher=launcher)
     assert (out / "test_wer.txt").exists()
     log = (out / "log.txt").read_text()
     assert log.count("Beginning experiment!") >= 1
@@ -144,6 +156,7 @@ def test_main_job_on_the_embedded_corpus(tmp_path):
     start = time.time()
     _run(["recipes/ASR/hparams/hyperconformer.yaml", f"--output_folder={out}",
           f"--data_folder={tmp_path / 'corpus'}"], timeout=3600)
-    wer = float((out / "test_wer.txt").read_text())
-    print(f"test WER on unseen voices: {wer:.2f} % in {(time.time() - start) / 60:.1f} min")
+    wer, lexicon_wer = _test_wer(out)
+    print(f"test WER on unseen voices: {wer:.2f} % (lexicon-corrected {lexicon_wer:.2f} %) in "
+          f"{(time.time() - start) / 60:.1f} min")
     assert wer <= 15.0

@@ -54,7 +54,10 @@ class ASR(sb.Brain):
             seq_loss = self.hparams.seq_cost(seq_lp, tokens_eos, length=eos_lens)
             loss = self.hparams.ctc_weight * loss + (1 - self.hparams.ctc_weight) * seq_loss
         if stage != sb.Stage.TRAIN:
-            self.wer_metric.append(batch.id, self.decode(ctc_lp, enc_lens), [w.split() for w in batch.wrd])
+            hyps, refs = self.decode(ctc_lp, enc_lens), [w.split() for w in batch.wrd]
+            self.wer_metric.append(batch.id, hyps, refs)
+            if self.lexicon is not None:
+                self.lexicon_wer_metric.append(batch.id, [self.lexicon(h) for h in hyps], refs)
         return loss
 
     def decode(self, ctc_lp, enc_lens):
@@ -74,6 +77,7 @@ class ASR(sb.Brain):
     def on_stage_start(self, stage, epoch=None):
         if stage != sb.Stage.TRAIN:
             self.wer_metric = self.hparams.error_rate_computer()
+            self.lexicon_wer_metric = self.hparams.error_rate_computer()
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         stats = {"loss": stage_loss}
@@ -81,6 +85,8 @@ class ASR(sb.Brain):
             self.train_stats = stats
             return
         stats["WER"] = self.wer_metric.summarize("error_rate")
+        if self.lexicon is not None:
+            stats["lexicon_WER"] = self.lexicon_wer_metric.summarize("error_rate")
         if stage == sb.Stage.VALID:
             lr = self.hparams.noam_annealing.current_lr
             self.hparams.train_logger.log_stats({"epoch": epoch, "lr": lr}, train_stats=self.train_stats,
@@ -95,7 +101,12 @@ class ASR(sb.Brain):
             if if_main_process():
                 with open(self.hparams.wer_file, "w") as f:
                     self.wer_metric.write_stats(f)
-                atomic_write_text(os.path.join(self.hparams.output_folder, "test_wer.txt"), f"{stats['WER']:.2f}\n")
+                summary = f"{stats['WER']:.2f}\n"
+                if self.lexicon is not None:
+                    with open(self.hparams.wer_file.replace(".txt", "_lexicon.txt"), "w") as f:
+                        self.lexicon_wer_metric.write_stats(f)
+                    summary += f"lexicon-corrected: {stats['lexicon_WER']:.2f}\n"
+                atomic_write_text(os.path.join(self.hparams.output_folder, "test_wer.txt"), summary)
 
 
 def update_curves(output_folder, epoch, train_loss, valid_loss, valid_wer):
@@ -194,6 +205,18 @@ def dataio_prepare(hparams, manifests, tokenizer):
     return datasets
 
 
+def length_bucketed_loader(hparams, train_set, loader_kwargs):
+    """Loader options whose batches group utterances of similar duration (speechbrain's
+    ``DynamicBatchSampler``): about ``max_batch_len`` seconds of audio per batch, little padding."""
+    from speechbrain.dataio.sampler import DynamicBatchSampler
+
+    sampler = DynamicBatchSampler(train_set, max_batch_length=hparams["max_batch_len"],
+                                  num_buckets=hparams["num_buckets"], length_func=lambda x: float(x["duration"]),
+                                  shuffle=True, batch_ordering="random", seed=hparams["seed"])
+    kept = {k: v for k, v in loader_kwargs.items() if k not in ("batch_size", "shuffle", "sampler", "drop_last")}
+    return {**kept, "batch_sampler": sampler}
+
+
 def main(argv):
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     sb.utils.distributed.ddp_init_group(run_opts)  # no-op unless launched with torchrun
@@ -222,6 +245,12 @@ def main(argv):
     asr = ASR(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams, run_opts=run_opts,
               checkpointer=hparams["checkpointer"])
     asr.tokenizer = tokenizer
+    asr.lexicon = None
+    if hparams.get("lexicon_correction", False):
+        from lobes.asr import LexiconCorrector
+        from lobes.data.manifest import load_manifest
+
+        asr.lexicon = LexiconCorrector.from_transcripts(row["wrd"] for row in load_manifest(manifests["train"]))
     asr.ctc_beam = None
     if hparams["test_beam_size"] > 1:
         from speechbrain.decoders.ctc import CTCBeamSearcher
@@ -230,11 +259,16 @@ def main(argv):
         vocab = [tokenizer.sp.id_to_piece(i).replace("\u2581", " ") for i in range(tokenizer.sp.get_piece_size())]
         asr.ctc_beam = CTCBeamSearcher(blank_index=hparams["blank_index"], vocab_list=vocab,
                                        beam_size=hparams["test_beam_size"])
+    train_loader_kwargs = dict(hparams["train_dataloader_opts"])
+    if hparams["dynamic_batching"]:
+        train_loader_kwargs = length_bucketed_loader(hparams, datasets["train"], train_loader_kwargs)
+        if not asr.distributed_launch:  # under DDP, speechbrain wraps it and calls set_epoch itself
+            asr.train_sampler = train_loader_kwargs["batch_sampler"]  # reshuffled every epoch
     n_params = sum(p.numel() for p in hparams["model"].parameters())
     logger.info("model: %.2f M parameters", n_params / 1e6)
 
     asr.fit(asr.hparams.epoch_counter, datasets["train"], datasets["valid"],
-            train_loader_kwargs=hparams["train_dataloader_opts"],
+            train_loader_kwargs=train_loader_kwargs,
             valid_loader_kwargs=hparams["valid_dataloader_opts"])
     asr.evaluate(datasets["test"], min_key="WER", test_loader_kwargs=hparams["test_dataloader_opts"])
 
