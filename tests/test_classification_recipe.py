@@ -246,3 +246,21 @@ def test_resume_after_kill(csv_corpus, tmp_path):
     assert epochs[-1] == 4 and sorted(set(epochs)) == [1, 2, 3, 4]
     assert epochs.count(1) == 1  # the second run resumed after epoch 1 instead of starting over
     assert (out / "test_results.json").exists()
+
+
+@pytest.mark.slow
+def test_default_beats_tiny_run_on_unseen_voices(tmp_path):
+    """The default recipe from nothing: synthesize the event corpus, train, test on unseen voices (~7 min)."""
+    import time
+
+    out = tmp_path / "default"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(RECIPE / "train.py"), str(RECIPE / "hparams" / "beats_tiny.yaml"),
+           f"--output_folder={out}", f"--data_folder={tmp_path / 'events'}"]
+    start = time.time()
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, timeout=3600)
+    results = json.loads((out / "test_results.json").read_text())
+    print(f"test accuracy {results['accuracy']:.4f} on {results['num_test']} clips in "
+          f"{(time.time() - start) / 60:.1f} min")
+    assert results["num_test"] == 1200
+    assert results["accuracy"] >= 0.90
