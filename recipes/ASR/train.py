@@ -103,7 +103,8 @@ class ASR(sb.Brain):
                     self.wer_metric.write_stats(f)
                 summary = f"{stats['WER']:.2f}\n"
                 if self.lexicon is not None:
-                    with open(self.hparams.wer_file.replace(".txt", "_lexicon.txt"), "w") as f:
+                    stem, ext = os.path.splitext(self.hparams.wer_file)
+                    with open(f"{stem}_lexicon{ext}", "w") as f:
                         self.lexicon_wer_metric.write_stats(f)
                     summary += f"lexicon-corrected: {stats['lexicon_WER']:.2f}\n"
                 atomic_write_text(os.path.join(self.hparams.output_folder, "test_wer.txt"), summary)
@@ -260,7 +261,7 @@ def main(argv):
         asr.ctc_beam = CTCBeamSearcher(blank_index=hparams["blank_index"], vocab_list=vocab,
                                        beam_size=hparams["test_beam_size"])
     train_loader_kwargs = dict(hparams["train_dataloader_opts"])
-    if hparams["dynamic_batching"]:
+    if hparams.get("dynamic_batching", False):
         train_loader_kwargs = length_bucketed_loader(hparams, datasets["train"], train_loader_kwargs)
         if not asr.distributed_launch:  # under DDP, speechbrain wraps it and calls set_epoch itself
             asr.train_sampler = train_loader_kwargs["batch_sampler"]  # reshuffled every epoch
