@@ -267,32 +267,22 @@ def _cached(kind: str, key: tuple, device: torch.device, dtype: torch.dtype, bui
     return hit
 
 
-class _FrameSource:
-    """DC-free, pre-emphasised (unwindowed) frames, written a range of frames at a time.
+def _write_frames(frames: Tensor, out: Tensor, remove_dc_offset: bool, preemph: float) -> None:
+    """Write DC-free, pre-emphasised (unwindowed) ``frames`` (B, n, window) into ``out`` of the same shape.
 
-    Frames are read from a strided view of the signal (never materialised as a whole) and processed in the order
-    and with the operations of torchaudio's ``kaldi.fbank``: the mean over the window is removed first, then
-    ``y[n] = z[n] - c * z[n-1]`` with ``z[-1] := z[0]`` (Kaldi's replicate padding). Float32 rounding then
-    follows the reference's: with loud input (BEATs feeds ``wav * 2**15``) the pre-emphasis high-pass
-    leaves the lowest mel bins small next to the rounding of the raw frame, and another, equally valid
-    order of operations moves their log energies by up to ~2e-3.
+    The operations and their order are torchaudio's ``kaldi.fbank``: the mean over the window is removed
+    first, then ``y[n] = z[n] - c * z[n-1]`` with ``z[-1] := z[0]`` (Kaldi's replicate padding). Float32
+    rounding then follows the reference's: with loud input (BEATs feeds ``wav * 2**15``) the pre-emphasis
+    high-pass leaves the lowest mel bins small next to the rounding of the raw frame, and another, equally
+    valid order of operations moves their log energies by up to ~2e-3.
     """
-
-    def __init__(self, frames: Tensor, remove_dc_offset: bool, preemph: float):
-        self.frames = frames  # (B, M, window), typically a strided view of the signal
-        self.remove_dc_offset = remove_dc_offset
-        self.preemph = preemph
-
-    def write(self, out: Tensor, m0: int, m1: int) -> None:
-        """Frames ``m0:m1`` into ``out`` (B, m1 - m0, window)."""
-        frames = self.frames[:, m0:m1]
-        if self.remove_dc_offset:
-            frames = frames - frames.mean(dim=-1, keepdim=True)
-        if self.preemph == 0.0:
-            out.copy_(frames)
-            return
-        torch.sub(frames[..., 1:], self.preemph * frames[..., :-1], out=out[..., 1:])
-        torch.sub(frames[..., :1], self.preemph * frames[..., :1], out=out[..., :1])
+    if remove_dc_offset:
+        frames = frames - frames.mean(dim=-1, keepdim=True)
+    if preemph == 0.0:
+        out.copy_(frames)
+        return
+    torch.sub(frames[..., 1:], preemph * frames[..., :-1], out=out[..., 1:])
+    torch.sub(frames[..., :1], preemph * frames[..., :1], out=out[..., :1])
 
 
 def _check_waveforms(waveforms: Tensor) -> None:
@@ -418,7 +408,6 @@ round_to_power_of_two, subtract_mean : see ``torchaudio.compliance.kaldi.fbank``
         frames = x.unfold(1, window_size, window_shift)  # (B, M, window) strided view, no copy
         if dither != 0.0:  # Gaussian noise added to each frame's samples, as Kaldi does (materialises the frames)
             frames = frames + torch.randn_like(frames) * dither
-        source = _FrameSource(frames, remove_dc_offset, preemphasis_coefficient)
         mel_key = (num_mel_bins, padded, float(sample_frequency), float(low_freq), float(high_freq))
         # the Nyquist bin carries no mel weight and is skipped
         mel = _cached("mel", mel_key, device, dtype, lambda: _mel_matrix_cpu(*mel_key)[: padded // 2])
@@ -433,7 +422,7 @@ round_to_power_of_two, subtract_mean : see ``torchaudio.compliance.kaldi.fbank``
             m1 = min(M, m0 + step)
             n = m1 - m0
             block_frames = buf[:, :n, :window_size]
-            source.write(block_frames, m0, m1)
+            _write_frames(frames[:, m0:m1], block_frames, remove_dc_offset, preemphasis_coefficient)
             block_frames.mul_(window)
             block_spec = spec[:, :n]
             torch.fft.rfft(buf[:, :n], out=block_spec)
