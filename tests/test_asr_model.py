@@ -169,3 +169,18 @@ def test_lexicon_corrector_distances_and_choices():
     assert LexiconCorrector.from_transcripts(["A B", "B C"]).vocabulary == {"A", "B", "C"}
     with pytest.raises(ValueError, match="at least one"):
         LexiconCorrector([])
+
+
+def test_frontend_dropout_and_float32_features_under_autocast():
+    model = ASRModel(hyperconformer_encoder(1, 16, 32, 2, kernel_size=3), vocab_size=10, d_model=16,
+                     dropout=0.1, frontend_dropout=0.0)
+    assert model.frontend.dropout.p == 0.0 and model.proj[1].p == 0.1
+    assert ASRModel(hyperconformer_encoder(1, 16, 32, 2, kernel_size=3), vocab_size=10, d_model=16,
+                    dropout=0.1).frontend.dropout.p == 0.1
+    wav = torch.randn(2, 8000)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats, _ = model.features(wav, torch.tensor([1.0, 0.5]))
+        log_probs, _, _ = model.eval()(wav, torch.tensor([1.0, 0.5]))
+    assert feats.dtype == torch.float32 and log_probs.dtype == torch.float32
+    reference, _ = model.features(wav, torch.tensor([1.0, 0.5]))
+    assert torch.equal(feats, reference)
