@@ -1,9 +1,11 @@
 """Batched Kaldi-compatible filterbank features and length / mask utilities.
 
 ``kaldi_fbank`` computes ``torchaudio.compliance.kaldi.fbank`` for a whole batch ``(B, T)`` at once on
-the input's device: frames are strided views of the batch; DC removal and pre-emphasis are folded into
-one pass that writes the frames into the zero-padded FFT buffer; ``|X|^2`` is folded into the mel product;
-the mel matrix and window are cached per (options, device, dtype). Rows may have their own lengths;
+the input's device: frames are strided views of the batch; DC removal and pre-emphasis write the frames
+straight into the zero-padded FFT buffer, rounding exactly as torchaudio does; on CPU, frames go through in
+cache-sized blocks and the mel product reads the squared real and imaginary parts in place, band by band over
+the few FFT bins each band of triangular filters covers; the mel matrix and window are cached per
+(options, device, dtype). Rows may have their own lengths;
 frames past a row's end are reported by :func:`num_frames` and filled with ``padding_value``, and every
 frame inside a row equals the frame torchaudio computes for that row alone (Kaldi frames only look at
 their own samples).
@@ -267,22 +269,46 @@ def _cached(kind: str, key: tuple, device: torch.device, dtype: torch.dtype, bui
     return hit
 
 
-def _write_frames(frames: Tensor, out: Tensor, remove_dc_offset: bool, preemph: float) -> None:
+def _write_frames(frames: Tensor, out: Tensor, scratch: Tensor, remove_dc_offset: bool, preemph: float) -> None:
     """Write DC-free, pre-emphasised (unwindowed) ``frames`` (B, n, window) into ``out`` of the same shape.
 
-    The operations and their order are torchaudio's ``kaldi.fbank``: the mean over the window is removed
+    The operations and their rounding are torchaudio's ``kaldi.fbank``: the mean over the window is removed
     first, then ``y[n] = z[n] - c * z[n-1]`` with ``z[-1] := z[0]`` (Kaldi's replicate padding). Float32
     rounding then follows the reference's: with loud input (BEATs feeds ``wav * 2**15``) the pre-emphasis
     high-pass leaves the lowest mel bins small next to the rounding of the raw frame, and another, equally
-    valid order of operations moves their log energies by up to ~2e-3.
+    valid order of operations moves their log energies by up to ~2e-3. ``addcmul`` computes
+    ``z[n] + (-c * z[n-1]) * 1``, which rounds exactly like ``z[n] - c * z[n-1]`` in one pass (``sub`` with
+    ``alpha`` fuses into a multiply-add and rounds differently). ``scratch`` holds the DC-free frames.
     """
     if remove_dc_offset:
-        frames = frames - frames.mean(dim=-1, keepdim=True)
+        frames = torch.sub(frames, frames.mean(dim=-1, keepdim=True), out=scratch)
     if preemph == 0.0:
         out.copy_(frames)
         return
-    torch.sub(frames[..., 1:], preemph * frames[..., :-1], out=out[..., 1:])
-    torch.sub(frames[..., :1], preemph * frames[..., :1], out=out[..., :1])
+    one = frames.new_ones(())
+    torch.addcmul(frames[..., 1:], frames[..., :-1], one, value=-preemph, out=out[..., 1:])
+    torch.addcmul(frames[..., :1], frames[..., :1], one, value=-preemph, out=out[..., :1])
+
+
+@lru_cache(maxsize=32)
+def _mel_bands_cpu(mel_key: tuple, bins_per_band: int = 16) -> tuple:
+    """The mel matrix cut into bands of ``bins_per_band`` consecutive filters, for a product with the
+    interleaved squares ``[re_0², im_0², re_1², im_1², ...]`` of the spectrum: each band is
+    ``(lo, hi, weights (hi - lo, bins))`` over the interleaved positions its filters cover, every FFT-bin
+    weight repeated for the real and the imaginary square.
+
+    Kaldi's triangular filters are narrow (128 filters over 256 FFT bins have ~500 non-zero weights out
+    of 32,768), so products restricted to each band's range do a fraction of the dense product's work.
+    """
+    num_bins, padded = mel_key[0], mel_key[1]
+    mel = _mel_matrix_cpu(*mel_key)[: padded // 2]
+    bands = []
+    for b0 in range(0, num_bins, bins_per_band):
+        weights = mel[:, b0: b0 + bins_per_band]
+        rows = weights.ne(0).any(dim=1).nonzero().flatten()
+        lo, hi = (int(rows.min()), int(rows.max()) + 1) if rows.numel() else (0, 1)
+        bands.append((2 * lo, 2 * hi, weights[lo:hi].repeat_interleave(2, dim=0).contiguous()))
+    return tuple(bands)
 
 
 def _check_waveforms(waveforms: Tensor) -> None:
@@ -298,6 +324,71 @@ def _check_waveforms(waveforms: Tensor) -> None:
             f"waveforms must have shape (B, T) (one mono signal per row), got {tuple(waveforms.shape)}; "
             "mix or select channels first"
         )
+
+
+def _fbank_buffers(frames: Tensor, step: int, padded: int) -> tuple[Tensor, Tensor]:
+    B, _, window_size = frames.shape
+    buf = frames.new_zeros((B, step, padded))  # FFT zero padding: the tail is never written
+    scratch = frames.new_empty((B, step, window_size))
+    return buf, scratch
+
+
+def _block_spectrum(frames, buf, scratch, m0, m1, window, remove_dc_offset, preemph) -> Tensor:
+    """rfft (B, n, padded/2 + 1) of the windowed, pre-processed frames ``m0:m1``."""
+    n, window_size = m1 - m0, frames.shape[-1]
+    block_frames = buf[:, :n, :window_size]
+    _write_frames(frames[:, m0:m1], block_frames, scratch[:, :n], remove_dc_offset, preemph)
+    block_frames.mul_(window)
+    return torch.fft.rfft(buf[:, :n])  # a fresh result: rfft(out=...) costs an extra copy on CPU
+
+
+def _fbank_blocks_dense(frames, feats, window, mel, padded, remove_dc_offset, preemph, use_power, use_log,
+                        step) -> None:
+    """``feats`` (B, M, bins) from ``frames`` (B, M, window): one dense mel product per block of frames."""
+    buf, scratch = _fbank_buffers(frames, step, padded)
+    M = frames.shape[1]
+    for m0 in range(0, M, step):
+        m1 = min(M, m0 + step)
+        spec = _block_spectrum(frames, buf, scratch, m0, m1, window, remove_dc_offset, preemph)
+        re, im = torch.view_as_real(spec[..., : padded // 2]).unbind(-1)  # each (B, n, padded/2)
+        power = torch.mul(re, re).addcmul_(im, im)  # |X|^2
+        if not use_power:
+            power.sqrt_()
+        block = torch.matmul(power, mel)  # (B, n, bins)
+        if use_log:
+            block.clamp_min_(_EPSILON).log_()
+        feats[:, m0:m1] = block
+
+
+def _fbank_blocks_banded(frames, feats, window, bands, padded, remove_dc_offset, preemph, use_log, step) -> None:
+    """``feats`` from ``frames`` in blocks of ``step`` frames (all rows at once) whose buffers are allocated
+    once and stay in cache (whole-batch intermediates would be (B, M, padded) tensors of tens of MB each).
+
+    ``|X|^2`` is never formed: the real and imaginary parts are squared in place and the mel product reads
+    them interleaved, with each filter weight repeated for both (``bands`` from :func:`_mel_bands_cpu`,
+    interleaved), band by band over each band's own FFT-bin range.
+    """
+    B, M, _ = frames.shape
+    buf, scratch = _fbank_buffers(frames, step, padded)
+    width = bands[0][2].shape[1]
+    out = frames.new_empty((len(bands), B * step, width))  # band-major mel energies of one block
+    for m0 in range(0, M, step):
+        m1 = min(M, m0 + step)
+        n = m1 - m0
+        spec = _block_spectrum(frames, buf, scratch, m0, m1, window, remove_dc_offset, preemph)
+        squares = torch.view_as_real(spec).square_().view(B * n, -1)  # (B * n, 2 * (padded/2 + 1)): re², im²
+        for i, (lo, hi, weights) in enumerate(bands):
+            torch.matmul(squares[:, lo:hi], weights, out=out[i, : B * n, : weights.shape[1]])
+        block = out[:, : B * n]
+        if use_log:
+            block.clamp_min_(_EPSILON).log_()
+        target = feats[:, m0:m1]  # (B, n, bins) <- (bands, B * n, width)
+        if len(bands) * width == target.shape[-1]:
+            target.unflatten(-1, (len(bands), width)).copy_(block.view(len(bands), B, n, width).permute(1, 2, 0, 3))
+        else:
+            for i, (_, _, weights) in enumerate(bands):
+                w = weights.shape[1]
+                target[..., i * width: i * width + w].copy_(block[i, :, :w].view(B, n, w))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -409,31 +500,21 @@ round_to_power_of_two, subtract_mean : see ``torchaudio.compliance.kaldi.fbank``
         if dither != 0.0:  # Gaussian noise added to each frame's samples, as Kaldi does (materialises the frames)
             frames = frames + torch.randn_like(frames) * dither
         mel_key = (num_mel_bins, padded, float(sample_frequency), float(low_freq), float(high_freq))
-        # the Nyquist bin carries no mel weight and is skipped
-        mel = _cached("mel", mel_key, device, dtype, lambda: _mel_matrix_cpu(*mel_key)[: padded // 2])
         feats = x.new_empty((B, M, num_mel_bins))
-        # Frames go through in blocks of time (all rows at once) whose buffers are allocated once and stay
-        # in cache: the whole-batch intermediates would be (B, M, padded) tensors of tens of MB each.
-        step = M if device.type != "cpu" else max(1, min(M, _FBANK_BLOCK_FRAMES // B))
-        buf = x.new_zeros((B, step, padded))  # FFT zero padding: the tail is never written
-        spec = torch.empty((B, step, padded // 2 + 1), dtype=torch.complex128 if dtype == torch.float64
-                           else torch.complex64, device=device)
-        for m0 in range(0, M, step):
-            m1 = min(M, m0 + step)
-            n = m1 - m0
-            block_frames = buf[:, :n, :window_size]
-            _write_frames(frames[:, m0:m1], block_frames, remove_dc_offset, preemphasis_coefficient)
-            block_frames.mul_(window)
-            block_spec = spec[:, :n]
-            torch.fft.rfft(buf[:, :n], out=block_spec)
-            re, im = torch.view_as_real(block_spec[..., : padded // 2]).unbind(-1)  # each (B, n, padded/2)
-            power = torch.mul(re, re).addcmul_(im, im)  # |X|^2
-            if not use_power:
-                power.sqrt_()
-            block = torch.matmul(power, mel)  # (B, n, num_mel_bins)
-            if use_log_fbank:
-                block.clamp_min_(_EPSILON).log_()
-            feats[:, m0:m1] = block
+        if device.type != "cpu":  # the Nyquist bin carries no mel weight and is skipped
+            mel = _cached("mel", mel_key, device, dtype, lambda: _mel_matrix_cpu(*mel_key)[: padded // 2])
+            _fbank_blocks_dense(frames, feats, window, mel, padded, remove_dc_offset, preemphasis_coefficient,
+                                use_power, use_log_fbank, step=M)
+        elif not use_power:  # magnitudes: sqrt(re² + im²) must be formed before the mel product
+            mel = _mel_matrix_cpu(*mel_key)[: padded // 2].to(dtype)
+            _fbank_blocks_dense(frames, feats, window, mel, padded, remove_dc_offset, preemphasis_coefficient,
+                                use_power, use_log_fbank, step=max(1, min(M, _FBANK_BLOCK_FRAMES // B)))
+        else:
+            bands = _mel_bands_cpu(mel_key)
+            if dtype != torch.float32:
+                bands = tuple((lo, hi, w.to(dtype)) for lo, hi, w in bands)
+            _fbank_blocks_banded(frames, feats, window, bands, padded, remove_dc_offset, preemphasis_coefficient,
+                                 use_log_fbank, step=max(1, min(M, _FBANK_BLOCK_FRAMES // B)))
         if sample_lens is not None:
             valid = lengths_to_mask(num_frames(sample_lens, window_size, window_shift), M)  # (B, M)
             if subtract_mean:
