@@ -1,4 +1,5 @@
-"""recipes/ASR/train.py end to end on a tiny tone corpus: training, resume, kill -9 and resume, 2-process DDP."""
+"""recipes/ASR/train.py end to end on a tiny tone corpus: training, resume, kill -9 and resume, 2-process DDP
+(torchrun, and the recipe's own CPU workers)."""
 
 import csv
 import json
@@ -61,7 +62,8 @@ def _args(corpus, out, epochs, *extra):
     return ["recipes/ASR/hparams/hyperconformer.yaml", "--dataset=csv", f"--train_csv={corpus['train']}",
             f"--valid_csv={corpus['valid']}", f"--test_csv={corpus['test']}", f"--output_folder={out}",
             "--noise_csv=null", "--num_workers=0", f"--number_of_epochs={epochs}", "--batch_size=8",
-            "--n_warmup_steps=4", "--lr=0.005", f"--preset={TINY}",
+            "--n_warmup_steps=4", "--lr=0.005", f"--preset={TINY}", "--lexicon_correction=True",
+            *([] if any(a.startswith("--cpu_processes") for a in extra) else ["--cpu_processes=1"]),
             *([] if any(a.startswith("--dynamic_batching") for a in extra) else ["--dynamic_batching=False"]), *extra]
 
 
@@ -78,10 +80,10 @@ def _run(args, timeout=300, launcher=None):
 
 
 def _test_wer(out):
-    """The greedy test WER (first line of test_wer.txt) and the lexicon-corrected one (second line)."""
-    lines = (out / "test_wer.txt").read_text().splitlines()
-    assert lines[1].startswith("lexicon-corrected: ")
-    return float(lines[0]), float(lines[1].split(": ")[1])
+    """test_wer.txt: the YAML decoder's WER (first line), then ``name: WER`` for the other decodings."""
+    first, *rest = (out / "test_wer.txt").read_text().splitlines()
+    others = dict(line.split(": ") for line in rest)
+    return float(first), {name: float(v) for name, v in others.items()}
 
 
 def _history(out):
@@ -96,26 +98,50 @@ def test_tiny_training_then_resume_with_a_higher_epoch_limit(corpus, tmp_path):
     assert history["2"]["train_loss"] < history["1"]["train_loss"]
     assert history["2"]["valid_loss"] < history["1"]["valid_loss"]
     assert (out / "curves.png").stat().st_size > 0
-    wer, lexicon_wer = _test_wer(out)
-    assert 0.0 <= wer <= 200.0 and 0.0 <= lexicon_wer <= 200.0
-    assert "test_0" in (out / "wer.txt").read_text()
-    assert "test_0" in (out / "wer_lexicon.txt").read_text()
+    wer, others = _test_wer(out)
+    assert sorted(others) == ["greedy", "lexicon-corrected"]
+    assert all(0.0 <= v <= 200.0 for v in [wer, *others.values()])
+    for name in ("wer.txt", "wer_greedy.txt", "wer_lexicon.txt"):
+        assert "test_0" in (out / name).read_text()
     log_before = (out / "log.txt").read_text()
     assert "Going into epoch 2" in log_before and "Going into epoch 3" not in log_before
+    # the cosine schedule spans exactly the 2 epochs: mid-way after the first, zero after the last
+    lrs = [float(line.split("lr: ")[1].split(" ")[0]) for line in (out / "train_log.txt").read_text().splitlines()
+           if line.startswith("epoch:")]
+    assert lrs[0] > 0.001 and lrs[1] == 0.0
 
-    # the same command with a higher limit continues from epoch 2's checkpoint (and tests with CTC beam search)
-    _run(_args(corpus, out, 3, "--test_beam_size=3"))
+    # the same command with a higher limit continues from epoch 2's checkpoint (and tests with speechbrain's
+    # CTC beam search instead of the lexicon decoder)
+    _run(_args(corpus, out, 3, "--test_decoder=null", "--test_beam_size=3"))
     log_after = (out / "log.txt").read_text()[len(log_before):]
     assert "Loading a checkpoint" in log_after
     assert "Going into epoch 3" in log_after and "Going into epoch 1" not in log_after
     assert sorted(_history(out), key=int) == ["1", "2", "3"]
 
 
-def test_kill_during_training_then_resume(corpus, tmp_path):
+def _children(pid):
+    """Process ids of the direct children of ``pid`` (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_kill_during_training_then_resume(corpus, tmp_path, processes):
     out = tmp_path / "killed"
-    # length-bucketed batches (2 s of audio each): resuming mid-epoch goes through speechbrain's batch sampler
+    # length-bucketed batches (2 s of audio each): resuming mid-epoch goes through speechbrain's batch sampler;
+    # with 2 processes, plain `python train.py` runs 2 DDP workers that must die with it
     args = _args(corpus, out, 1, "--ckpt_interval_minutes=0", "--ckpt_interval_steps=1", "--dynamic_batching=True",
-                 "--max_batch_len=2", "--num_buckets=3")
+                 "--max_batch_len=2", "--num_buckets=3", f"--cpu_processes={processes}")
     proc = subprocess.Popen([sys.executable, str(TRAIN)] + args, cwd=ROOT, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -126,12 +152,20 @@ def test_kill_during_training_then_resume(corpus, tmp_path):
             time.sleep(0.1)
         assert any(save.glob("CKPT*/COMPLETE")), "no intra-epoch checkpoint appeared"
     finally:
+        workers = _children(proc.pid) if processes > 1 else []
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+    if processes > 1:
+        assert len(workers) == processes
+        deadline = time.time() + 20
+        while time.time() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.1)
+        assert not any(_alive(w) for w in workers), "DDP workers outlived the killed command"
     assert not (out / "test_wer.txt").exists()
     _run(args)
     log = (out / "log.txt").read_text()
     assert "Loading a checkpoint" in log
+    assert ("data-parallel training over 2 processes" in log) == (processes == 2)
     assert (out / "test_wer.txt").exists()
     assert sorted(_history(out), key=int) == ["1"]
 
@@ -156,7 +190,7 @@ def test_main_job_on_the_embedded_corpus(tmp_path):
     start = time.time()
     _run(["recipes/ASR/hparams/hyperconformer.yaml", f"--output_folder={out}",
           f"--data_folder={tmp_path / 'corpus'}"], timeout=3600)
-    wer, lexicon_wer = _test_wer(out)
-    print(f"test WER on unseen voices: {wer:.2f} % (lexicon-corrected {lexicon_wer:.2f} %) in "
+    wer, others = _test_wer(out)
+    print(f"test WER on unseen voices: {wer:.2f} % (greedy {others['greedy']:.2f} %) in "
           f"{(time.time() - start) / 60:.1f} min")
     assert wer <= 15.0

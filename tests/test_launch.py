@@ -1,6 +1,5 @@
 """lobes.launch: when the recipe starts its own CPU workers, their environment, and failure handling."""
 
-import sys
 import textwrap
 import time
 

@@ -5,6 +5,9 @@
     python recipes/ASR/train.py recipes/ASR/hparams/conformer.yaml --number_of_epochs=2
     torchrun --nproc_per_node=2 recipes/ASR/train.py recipes/ASR/hparams/hyperconformer.yaml
 
+On CPU, ``cpu_processes: N`` (YAML or ``--cpu_processes=N``) makes the plain ``python`` command start N
+data-parallel workers itself (DDP over gloo, the cores shared out among them), as ``torchrun`` would.
+
 ``dataset: embedded`` (default) synthesizes an offline corpus with espeak-ng (test voices unseen in
 training), ``librispeech`` reads a LibriSpeech layout, ``csv`` reads any CSVs with ``ID, duration, wav,
 wrd``. The test WER goes to ``<output_folder>/wer.txt`` (per-utterance details) and
@@ -13,6 +16,7 @@ wrd``. The test WER goes to ``<output_folder>/wer.txt`` (per-utterance details) 
 
 import json
 import logging
+import math
 import os
 import sys
 
@@ -24,6 +28,7 @@ import speechbrain.utils.distributed
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from lobes.checkpoints import mark_complete_on_save, remove_incomplete_checkpoints
+from lobes.launch import should_spawn, spawn_cpu_workers
 from lobes.data.manifest import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -54,30 +59,42 @@ class ASR(sb.Brain):
             seq_loss = self.hparams.seq_cost(seq_lp, tokens_eos, length=eos_lens)
             loss = self.hparams.ctc_weight * loss + (1 - self.hparams.ctc_weight) * seq_loss
         if stage != sb.Stage.TRAIN:
-            hyps, refs = self.decode(ctc_lp, enc_lens), [w.split() for w in batch.wrd]
+            refs = [w.split() for w in batch.wrd]
+            greedy = self.greedy_words(ctc_lp, enc_lens)
+            hyps = self.search(ctc_lp, enc_lens) if stage == sb.Stage.TEST else greedy
             self.wer_metric.append(batch.id, hyps, refs)
+            if hyps is not greedy:
+                self.extra_metrics["greedy"].append(batch.id, greedy, refs)
             if self.lexicon is not None:
-                self.lexicon_wer_metric.append(batch.id, [self.lexicon(h) for h in hyps], refs)
+                self.extra_metrics["lexicon"].append(batch.id, [self.lexicon(h) for h in greedy], refs)
         return loss
 
-    def decode(self, ctc_lp, enc_lens):
-        """Words per utterance: greedy CTC, or speechbrain's CTC beam search when ``test_beam_size`` > 1."""
+    def greedy_words(self, ctc_lp, enc_lens):
+        """Words per utterance from the best CTC path."""
         from lobes.asr import ctc_greedy_decode
 
-        if self.ctc_beam is None:
-            return [self.tokenizer.sp.decode_ids(h).split() for h in
-                    ctc_greedy_decode(ctc_lp, enc_lens, self.hparams.blank_index)]
-        hyps = self.ctc_beam(ctc_lp, enc_lens.float() / ctc_lp.shape[1])
-        return [h[0].text.split() for h in hyps]
+        return [self.tokenizer.sp.decode_ids(h).split() for h in
+                ctc_greedy_decode(ctc_lp, enc_lens, self.hparams.blank_index)]
+
+    def search(self, ctc_lp, enc_lens):
+        """Test-time words: the YAML's ``test_decoder`` (lexicon + word LM), else speechbrain's CTC beam
+        search when ``test_beam_size`` > 1, else greedy."""
+        if self.test_decoder is not None:
+            return self.test_decoder(ctc_lp, enc_lens)
+        if self.ctc_beam is not None:
+            hyps = self.ctc_beam(ctc_lp, enc_lens.float() / ctc_lp.shape[1])
+            return [h[0].text.split() for h in hyps]
+        return self.greedy_words(ctc_lp, enc_lens)
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         if should_step:
-            self.hparams.noam_annealing(self.optimizer)
+            self.hparams.lr_annealing(self.optimizer)
 
     def on_stage_start(self, stage, epoch=None):
         if stage != sb.Stage.TRAIN:
             self.wer_metric = self.hparams.error_rate_computer()
-            self.lexicon_wer_metric = self.hparams.error_rate_computer()
+            self.extra_metrics = {"greedy": self.hparams.error_rate_computer(),
+                                  "lexicon": self.hparams.error_rate_computer()}
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         stats = {"loss": stage_loss}
@@ -85,10 +102,11 @@ class ASR(sb.Brain):
             self.train_stats = stats
             return
         stats["WER"] = self.wer_metric.summarize("error_rate")
-        if self.lexicon is not None:
-            stats["lexicon_WER"] = self.lexicon_wer_metric.summarize("error_rate")
+        extras = {name: m for name, m in self.extra_metrics.items() if m.scores}
+        for name, metric in extras.items():
+            stats[f"{name}_WER"] = metric.summarize("error_rate")
         if stage == sb.Stage.VALID:
-            lr = self.hparams.noam_annealing.current_lr
+            lr = self.hparams.lr_annealing.current_lr
             self.hparams.train_logger.log_stats({"epoch": epoch, "lr": lr}, train_stats=self.train_stats,
                                                 valid_stats=stats)
             self.checkpointer.save_and_keep_only(meta={"WER": stats["WER"], "epoch": epoch}, min_keys=["WER"],
@@ -99,15 +117,24 @@ class ASR(sb.Brain):
             self.hparams.train_logger.log_stats({"Epoch loaded": self.hparams.epoch_counter.current},
                                                 test_stats=stats)
             if if_main_process():
-                with open(self.hparams.wer_file, "w") as f:
-                    self.wer_metric.write_stats(f)
-                summary = f"{stats['WER']:.2f}\n"
-                if self.lexicon is not None:
-                    stem, ext = os.path.splitext(self.hparams.wer_file)
-                    with open(f"{stem}_lexicon{ext}", "w") as f:
-                        self.lexicon_wer_metric.write_stats(f)
-                    summary += f"lexicon-corrected: {stats['lexicon_WER']:.2f}\n"
-                atomic_write_text(os.path.join(self.hparams.output_folder, "test_wer.txt"), summary)
+                write_test_wers(self.hparams.wer_file, self.hparams.output_folder, self.wer_metric, extras)
+
+
+TEST_WER_NAMES = {"greedy": "greedy", "lexicon": "lexicon-corrected"}
+
+
+def write_test_wers(wer_file, output_folder, metric, extras):
+    """Per-utterance details to ``wer_file`` (and ``<stem>_<name><ext>`` for the extra decodings); the test
+    WER to ``test_wer.txt``: first line the YAML's decoding, then ``greedy: X`` / ``lexicon-corrected: X``."""
+    with open(wer_file, "w") as f:
+        metric.write_stats(f)
+    summary = f"{metric.summarize('error_rate'):.2f}\n"
+    stem, ext = os.path.splitext(wer_file)
+    for name, extra in extras.items():
+        with open(f"{stem}_{name}{ext}", "w") as f:
+            extra.write_stats(f)
+        summary += f"{TEST_WER_NAMES[name]}: {extra.summarize('error_rate'):.2f}\n"
+    atomic_write_text(os.path.join(output_folder, "test_wer.txt"), summary)
 
 
 def update_curves(output_folder, epoch, train_loss, valid_loss, valid_wer):
@@ -218,11 +245,27 @@ def length_bucketed_loader(hparams, train_set, loader_kwargs):
     return {**kept, "batch_sampler": sampler}
 
 
+def set_schedule_length(hparams, asr, train_set, loader_kwargs):
+    """Give a schedule that needs the run's length (``total_steps: null``) its number of optimizer steps."""
+    scheduler = hparams["lr_annealing"]
+    if not hasattr(scheduler, "set_total_steps") or getattr(scheduler, "total_steps", None) is not None:
+        return
+    sampler = loader_kwargs.get("batch_sampler")
+    batches = len(sampler) if sampler is not None else math.ceil(len(train_set) / loader_kwargs["batch_size"])
+    if asr.distributed_launch:  # each process sees its share of the batches
+        batches = math.ceil(batches / torch.distributed.get_world_size())
+    steps = math.ceil(batches / asr.grad_accumulation_factor) * hparams["number_of_epochs"]
+    scheduler.set_total_steps(steps)
+    logger.info("learning-rate schedule: %d optimizer steps", steps)
+
+
 def main(argv):
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     sb.utils.distributed.ddp_init_group(run_opts)  # no-op unless launched with torchrun
     with open(hparams_file) as f:
         hparams = load_hyperpyyaml(f, overrides)
+    if should_spawn(hparams.get("cpu_processes", 1), run_opts):  # plain `python train.py` on CPU: DDP workers
+        sys.exit(spawn_cpu_workers(os.path.abspath(__file__), argv, hparams["cpu_processes"]))
     sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=hparams_file,
                                    overrides=overrides)
 
@@ -246,12 +289,20 @@ def main(argv):
     asr = ASR(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams, run_opts=run_opts,
               checkpointer=hparams["checkpointer"])
     asr.tokenizer = tokenizer
+    if asr.distributed_launch:
+        logger.info("data-parallel training over %d processes", torch.distributed.get_world_size())
     asr.lexicon = None
     if hparams.get("lexicon_correction", False):
         from lobes.asr import LexiconCorrector
         from lobes.data.manifest import load_manifest
 
         asr.lexicon = LexiconCorrector.from_transcripts(row["wrd"] for row in load_manifest(manifests["train"]))
+    asr.test_decoder = None
+    if hparams.get("test_decoder") is not None:  # lexicon and word LM from the training transcripts
+        from lobes.data.manifest import load_manifest
+
+        transcripts = [row["wrd"] for row in load_manifest(manifests["train"], ("wrd",))]
+        asr.test_decoder = hparams["test_decoder"](tokenizer.sp, transcripts)
     asr.ctc_beam = None
     if hparams["test_beam_size"] > 1:
         from speechbrain.decoders.ctc import CTCBeamSearcher
@@ -265,6 +316,7 @@ def main(argv):
         train_loader_kwargs = length_bucketed_loader(hparams, datasets["train"], train_loader_kwargs)
         if not asr.distributed_launch:  # under DDP, speechbrain wraps it and calls set_epoch itself
             asr.train_sampler = train_loader_kwargs["batch_sampler"]  # reshuffled every epoch
+    set_schedule_length(hparams, asr, datasets["train"], train_loader_kwargs)
     n_params = sum(p.numel() for p in hparams["model"].parameters())
     logger.info("model: %.2f M parameters", n_params / 1e6)
 
