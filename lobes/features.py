@@ -291,7 +291,7 @@ def _write_frames(frames: Tensor, out: Tensor, scratch: Tensor, remove_dc_offset
 
 
 @lru_cache(maxsize=32)
-def _mel_bands_cpu(mel_key: tuple, bins_per_band: int = 16) -> tuple:
+def _mel_bands_cpu(mel_key: tuple, dtype: torch.dtype = torch.float32, bins_per_band: int = 16) -> tuple:
     """The mel matrix cut into bands of ``bins_per_band`` consecutive filters, for a product with the
     interleaved squares ``[re_0², im_0², re_1², im_1², ...]`` of the spectrum: each band is
     ``(lo, hi, weights (hi - lo, bins))`` over the interleaved positions its filters cover, every FFT-bin
@@ -307,7 +307,7 @@ def _mel_bands_cpu(mel_key: tuple, bins_per_band: int = 16) -> tuple:
         weights = mel[:, b0: b0 + bins_per_band]
         rows = weights.ne(0).any(dim=1).nonzero().flatten()
         lo, hi = (int(rows.min()), int(rows.max()) + 1) if rows.numel() else (0, 1)
-        bands.append((2 * lo, 2 * hi, weights[lo:hi].repeat_interleave(2, dim=0).contiguous()))
+        bands.append((2 * lo, 2 * hi, weights[lo:hi].repeat_interleave(2, dim=0).to(dtype).contiguous()))
     return tuple(bands)
 
 
@@ -422,7 +422,8 @@ def kaldi_fbank(
 
     All rows are processed together on the waveforms' device (no loop over rows; on CPU the frames go
     through in cache-sized blocks of time, all rows at once). Each frame sees torchaudio's operations in
-    torchaudio's order, so float32 results agree with it to rounding (~1e-6). Defaults are torchaudio's; BEATs uses ``num_mel_bins=128`` with the other defaults on ``wav * 2**15``.
+    torchaudio's order, so float32 results agree with it to rounding (~1e-6). Defaults are torchaudio's;
+    BEATs uses ``num_mel_bins=128`` with the other defaults on ``wav * 2**15``.
     Half-precision input is computed in float32 (the result is float32); float64 stays float64.
     Autocast is disabled inside, so reduced-precision regions do not lower the fbank's precision.
 
@@ -501,20 +502,15 @@ round_to_power_of_two, subtract_mean : see ``torchaudio.compliance.kaldi.fbank``
             frames = frames + torch.randn_like(frames) * dither
         mel_key = (num_mel_bins, padded, float(sample_frequency), float(low_freq), float(high_freq))
         feats = x.new_empty((B, M, num_mel_bins))
-        if device.type != "cpu":  # the Nyquist bin carries no mel weight and is skipped
+        step = M if device.type != "cpu" else max(1, min(M, _FBANK_BLOCK_FRAMES // B))
+        if device.type == "cpu" and use_power:
+            _fbank_blocks_banded(frames, feats, window, _mel_bands_cpu(mel_key, dtype), padded, remove_dc_offset,
+                                 preemphasis_coefficient, use_log_fbank, step)
+        else:  # magnitudes (sqrt(re² + im²) must be formed first), or another device: one dense mel product
+            # the Nyquist bin carries no mel weight and is skipped
             mel = _cached("mel", mel_key, device, dtype, lambda: _mel_matrix_cpu(*mel_key)[: padded // 2])
             _fbank_blocks_dense(frames, feats, window, mel, padded, remove_dc_offset, preemphasis_coefficient,
-                                use_power, use_log_fbank, step=M)
-        elif not use_power:  # magnitudes: sqrt(re² + im²) must be formed before the mel product
-            mel = _mel_matrix_cpu(*mel_key)[: padded // 2].to(dtype)
-            _fbank_blocks_dense(frames, feats, window, mel, padded, remove_dc_offset, preemphasis_coefficient,
-                                use_power, use_log_fbank, step=max(1, min(M, _FBANK_BLOCK_FRAMES // B)))
-        else:
-            bands = _mel_bands_cpu(mel_key)
-            if dtype != torch.float32:
-                bands = tuple((lo, hi, w.to(dtype)) for lo, hi, w in bands)
-            _fbank_blocks_banded(frames, feats, window, bands, padded, remove_dc_offset, preemphasis_coefficient,
-                                 use_log_fbank, step=max(1, min(M, _FBANK_BLOCK_FRAMES // B)))
+                                use_power, use_log_fbank, step)
         if sample_lens is not None:
             valid = lengths_to_mask(num_frames(sample_lens, window_size, window_shift), M)  # (B, M)
             if subtract_mean:

@@ -291,18 +291,17 @@ def main(argv):
     asr.tokenizer = tokenizer
     if asr.distributed_launch:
         logger.info("data-parallel training over %d processes", torch.distributed.get_world_size())
-    asr.lexicon = None
-    if hparams.get("lexicon_correction", False):
-        from lobes.asr import LexiconCorrector
-        from lobes.data.manifest import load_manifest
-
-        asr.lexicon = LexiconCorrector.from_transcripts(row["wrd"] for row in load_manifest(manifests["train"]))
-    asr.test_decoder = None
-    if hparams.get("test_decoder") is not None:  # lexicon and word LM from the training transcripts
+    asr.lexicon, asr.test_decoder = None, None
+    if hparams.get("lexicon_correction", False) or hparams.get("test_decoder") is not None:
         from lobes.data.manifest import load_manifest
 
         transcripts = [row["wrd"] for row in load_manifest(manifests["train"], ("wrd",))]
-        asr.test_decoder = hparams["test_decoder"](tokenizer.sp, transcripts)
+        if hparams.get("lexicon_correction", False):
+            from lobes.asr import LexiconCorrector
+
+            asr.lexicon = LexiconCorrector.from_transcripts(transcripts)
+        if hparams.get("test_decoder") is not None:  # lexicon and word LM from the training transcripts
+            asr.test_decoder = hparams["test_decoder"](tokenizer.sp, transcripts)
     asr.ctc_beam = None
     if hparams["test_beam_size"] > 1:
         from speechbrain.decoders.ctc import CTCBeamSearcher
