@@ -1,7 +1,9 @@
 """BEATs throughput: ours (fp32, bf16) against SpeechBrain's BEATs (fp32), same random weights, same run.
 
 Also the batched Kaldi fbank against torchaudio's per-utterance ``kaldi.fbank`` loop, measured in alternating
-rounds (``--fbank-rounds``); its speedup is the median of the per-round ratios.
+rounds (``--fbank-rounds``); its speedup is the median of the per-round ratios. "ours batched" uses the
+compiled CPU kernels when a C compiler is available; "ours, pure torch" is the same function with
+``LOBES_NATIVE=0``.
 
     python benchmarks/beats.py            # released size: 12 layers, B = 8 x 10 s; fbank 32 x 10 s
     python benchmarks/beats.py --quick    # 2 layers, B = 2 x 2 s; fbank 8 x 2 s (smoke test)
@@ -73,6 +75,13 @@ def setup_fbank_ours(batch: int, seconds: float):
     return lambda: kaldi_fbank(wav, **BEATS_FBANK)
 
 
+def setup_fbank_ours_torch(batch: int, seconds: float):
+    import os
+
+    os.environ["LOBES_NATIVE"] = "0"  # read when kaldi_fbank first loads its kernels
+    return setup_fbank_ours(batch, seconds)
+
+
 def setup_fbank_torchaudio(batch: int, seconds: float):
     import torchaudio.compliance.kaldi as ta_kaldi
 
@@ -86,7 +95,8 @@ def _measure_fbank(rounds: int, batch: int, seconds: float, kw: dict) -> dict:
     Each entry keeps the median time over all rounds; ``speedup_vs_torchaudio`` is the median of the
     per-round ratios, so a slow change of load on a shared machine affects both sides of each ratio.
     """
-    setups = {"torchaudio loop": setup_fbank_torchaudio, "ours batched": setup_fbank_ours}
+    setups = {"torchaudio loop": setup_fbank_torchaudio, "ours batched": setup_fbank_ours,
+              "ours, pure torch": setup_fbank_ours_torch}
     runs: dict[str, list[dict]] = {name: [] for name in setups}
     for _ in range(rounds):
         for name, setup in setups.items():
@@ -187,11 +197,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nKaldi fbank (128 bins), {fb_batch} x {fb_seconds:g} s, {args.threads} threads, "
           f"{args.fbank_rounds} alternating rounds (speedup = median of per-round ratios)")
     print_table(fb_rows, ["fbank", "time_s", "speedup_vs_torchaudio", "round_speedups", "error"])
+    from lobes import _native
+
+    _native.fbank_library()
+    backend = _native.native_status()["fbank"]
+    print(f"'ours batched' ran on {backend.split(':')[0]} kernels ({backend.split(': ', 1)[1]}); "
+          "'ours, pure torch' with LOBES_NATIVE=0")
 
     payload = {
         "config": {"layers": layers, "batch": batch, "seconds": seconds, "threads": args.threads,
                    "fbank_batch": fb_batch, "fbank_seconds": fb_seconds, "quick": args.quick,
-                   "torch": torch.__version__},
+                   "torch": torch.__version__, "fbank_backend": backend},
         "beats": {n: {**r, **accuracy.get(n, {})} for n, r in results.items()},
         "fbank": fbank,
     }
