@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                                         for n in fb_names]}},
         xlabel="candidate", ylabels=("seconds of audio per second", "speedup"), panels=("throughput", "speedup"),
         title=f"BEATs {layers} layers, B={batch}x{seconds:g}s; fbank {fb_batch}x{fb_seconds:g}s ({args.threads} threads)",
-        logy=False,
+        logy=True,  # BEATs (tens of seconds of audio per second) and fbank (thousands) on one axis
     ))
     return payload
 

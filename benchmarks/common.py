@@ -147,6 +147,7 @@ def plot_lines(name: str, x: list, series: dict[str, list], xlabel: str, ylabels
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
@@ -157,8 +158,16 @@ def plot_lines(name: str, x: list, series: dict[str, list], xlabel: str, ylabels
                 ax.plot(*zip(*pts), marker="o", label=label)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
+        if any(isinstance(v, str) for v in x):  # candidate names: slanted so that they do not overlap
+            ax.tick_params(axis="x", labelrotation=30)
+            for tick in ax.get_xticklabels():
+                tick.set_horizontalalignment("right")
         if logy:
             ax.set_yscale("log")
+            plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 6, not 6 x 10^0
+            ax.yaxis.set_major_formatter(plain)
+            low, high = ax.get_ylim()  # label the minor ticks only where few decades leave room for them
+            ax.yaxis.set_minor_formatter(plain if high / low < 30 else matplotlib.ticker.NullFormatter())
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
