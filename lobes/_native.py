@@ -20,7 +20,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["cache_dir", "fbank_library", "native_status"]
+__all__ = ["cache_dir", "fbank_library", "fft_matches_torch", "native_status"]
 
 _LOG = logging.getLogger(__name__)
 _CSRC = Path(__file__).with_name("csrc")

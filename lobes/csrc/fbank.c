@@ -251,12 +251,7 @@ void lobes_fbank_mel(const float *spec, long ldspec, long nbins, long nfilt, con
              out_frame_stride, n, r0, r1, workspace);
 }
 
-/*
- * The whole pipeline for `rows` rows of `n` frames each (frame r = (r / n, r % n)), `batch` frames at a time
- * through a buffer that stays in cache: frames -> real FFT (MKL's DFTI, the library torch.fft.rfft calls on
- * CPU; the caller passes its entry points and checks once that the results are bit-identical to
- * torch.fft.rfft) -> mel filters. work: lobes_fbank_part_workspace floats. Returns 0, or the DFTI status.
- */
+/* MKL's DFTI entry points, set once by the caller (lobes/_native.py) from torch's CPU library */
 typedef long (*dfti_create_fn)(void **, int, long);
 typedef long (*dfti_set_fn)(void *, int, ...);
 typedef long (*dfti_commit_fn)(void *);
@@ -313,6 +308,12 @@ long lobes_fbank_part_workspace(long padded, long nfilt, long batch) {
     return fft + lobes_fbank_mel_workspace(padded / 2, nfilt);
 }
 
+/*
+ * The whole pipeline for `rows` rows of `n` frames each (frame r = (r / n, r % n)), `batch` frames at a time
+ * through a buffer that stays in cache: frames -> real FFT (MKL's DFTI, the library torch.fft.rfft calls on
+ * CPU; the caller passes its entry points and checks once that the results are bit-identical to
+ * torch.fft.rfft) -> mel filters. work: lobes_fbank_part_workspace floats. Returns 0, or the DFTI status.
+ */
 long lobes_fbank_part(const float *src, long row_stride, long frame_stride, long rows, long n, long win,
                       const float *means, float coef, const float *window, long padded, long nfilt, const int *lo,
                       const int *len, const int *off, const float *wts, int magnitude, int use_log, float *out,
