@@ -20,6 +20,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+from lobes.io import atomic_open, atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
@@ -132,12 +134,7 @@ def print_table(rows: list[dict], columns: list[str]) -> str:
 
 def write_json(name: str, payload: dict, out_dir: Path = OUT_DIR) -> Path:
     """Write ``payload`` to ``out_dir/name.json`` atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(out_dir / f"{name}.json", json.dumps(payload, indent=2, default=str))
 
 
 def plot_lines(name: str, x: list, series: dict[str, list], xlabel: str, ylabels: tuple[str, ...],
@@ -173,8 +170,7 @@ def plot_lines(name: str, x: list, series: dict[str, list], xlabel: str, ylabels
     fig.suptitle(title)
     fig.tight_layout()
     path = out_dir / f"{name}.png"
-    tmp = out_dir / f".{name}.tmp.png"
-    fig.savefig(tmp, dpi=110)
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -1,0 +1,212 @@
+"""Files in and out: one audio loader and one atomic writer for the whole project.
+
+:func:`load_audio` turns anything soundfile reads (wav, flac, ogg, ...; any rate, any channel count) into
+a mono float32 waveform at the requested rate. :func:`atomic_open` and its shorthands write a file under a
+temporary name in the same folder, flush it to disk and move it into place with ``os.replace``, so a
+reader (or a rerun after ``kill -9``) only ever sees a complete file. New files get the permissions the
+umask gives (``0o666 & ~umask``), as ``open`` would, not ``mkstemp``'s private ``0o600``.
+
+Example
+-------
+>>> import tempfile, os
+>>> folder = tempfile.mkdtemp()
+>>> path = atomic_write_text(os.path.join(folder, "out.txt"), "hello\\n")
+>>> open(path).read(), sorted(os.listdir(folder))
+('hello\\n', ['out.txt'])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import secrets
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+import numpy as np
+import torch
+
+__all__ = [
+    "AudioError",
+    "atomic_open",
+    "atomic_save",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "audio_duration",
+    "load_audio",
+    "remove_stale_temporaries",
+]
+
+TMP_SUFFIX = ".tmp"
+"""Ending of the temporary names :func:`atomic_open` writes (``.<name>.<random>.tmp``)."""
+
+
+class AudioError(ValueError):
+    """An audio file that cannot be used: the message names the file and what was expected."""
+
+
+def _temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
+    """Open a temporary file beside ``path`` for writing; on a clean exit it replaces ``path``.
+
+    The data is flushed and ``fsync``-ed before the rename; on an exception the temporary file is removed
+    and ``path`` is left as it was. Parent folders are created. Permissions follow the umask.
+
+    Arguments
+    ---------
+    path : str or PathLike
+        Final location.
+    mode : str
+        ``"wb"`` (bytes) or ``"w"`` (text).
+    encoding : str, optional
+        Text encoding for ``mode="w"`` (default UTF-8).
+
+    Yields
+    ------
+    file object
+        Write to it; do not close it yourself.
+
+    Example
+    -------
+    >>> import tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "sub", "a.bin")
+    >>> with atomic_open(p) as f:
+    ...     _ = f.write(b"abc")
+    >>> open(p, "rb").read()
+    b'abc'
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_open mode must be 'wb' or 'w', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as with open()
+    try:
+        with os.fdopen(fd, mode, encoding=(encoding or "utf-8") if mode == "w" else None,
+                       newline="" if mode == "w" else None) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_open`); returns the path."""
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_open`); returns the path."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
+    return Path(path)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_open`); returns the path."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that killed :func:`atomic_open` writers left in ``folder`` (not recursive).
+
+    Returns
+    -------
+    list of Path
+        The files removed.
+    """
+    removed = []
+    for tmp in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+def audio_duration(path: str | os.PathLike) -> float:
+    """Duration in seconds of an audio file, read from its header.
+
+    Raises
+    ------
+    AudioError
+        The file is missing or soundfile cannot read its header.
+    """
+    import soundfile as sf
+
+    try:
+        info = sf.info(str(path))
+    except Exception as exc:  # soundfile raises several types (LibsndfileError, RuntimeError, ...)
+        raise AudioError(f"{path}: cannot read audio header ({_reason(exc)}); expected a file soundfile "
+                         "reads (wav, flac, ogg, ...)") from None
+    if info.samplerate <= 0:
+        raise AudioError(f"{path}: invalid sample rate {info.samplerate}")
+    return info.frames / info.samplerate
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".replace("\n", " ")
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> torch.Tensor:
+    """Read an audio file as mono float32 at ``sample_rate``.
+
+    Channels are averaged; other rates are resampled with ``torchaudio.functional.resample``;
+    integer formats are scaled to ``[-1, 1]``.
+
+    Arguments
+    ---------
+    path : str or PathLike
+        Any file soundfile reads (wav, flac, ogg, ...).
+    sample_rate : int
+        Rate of the result in Hz.
+
+    Returns
+    -------
+    torch.Tensor
+        Waveform ``(T,)``, float32.
+
+    Raises
+    ------
+    AudioError
+        Missing, unreadable or empty file (the message names it).
+
+    Example
+    -------
+    >>> import soundfile as sf, tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "s.wav")
+    >>> sf.write(p, np.zeros((4410, 2), dtype="float32"), 44100)
+    >>> load_audio(p).shape
+    torch.Size([1600])
+    """
+    import soundfile as sf
+
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+    if not os.path.exists(path):
+        raise AudioError(f"{path}: no such audio file")
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (T, channels)
+    except Exception as exc:
+        raise AudioError(f"{path}: cannot decode audio ({_reason(exc)}); expected a file soundfile reads "
+                         "(wav, flac, ogg, ...)") from None
+    if data.shape[0] == 0:
+        raise AudioError(f"{path}: the file holds no samples")
+    wav = torch.from_numpy(np.ascontiguousarray(data)).mean(dim=1)  # (T,)
+    if rate != sample_rate:
+        import torchaudio.functional as AF
+
+        wav = AF.resample(wav, rate, sample_rate)
+    return wav.contiguous()
