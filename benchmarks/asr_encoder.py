@@ -50,7 +50,7 @@ def setup_step(kind: str, seconds: float, batch: int, layers: int, d_model: int,
     """Build the encoder and a padded batch; return one train step (forward + backward)."""
     import torch
 
-    from lobes.conformer import lengths_to_padding_mask
+    from lobes.masks import lengths_to_padding_mask
 
     torch.manual_seed(0)
     enc = build_encoder(kind, layers, d_model, d_ffn, nhead).train()

@@ -1,10 +1,10 @@
 """End-to-end ASR model: fbank -> CNN front-end (4x subsampling) -> encoder -> CTC head (+ attention decoder).
 
-The encoder is injected (any module with the :class:`lobes.conformer.ConformerEncoder` call signature), so
-one model class serves HyperConformer, Conformer, Transformer and Primer encoders. Every stage carries the
-number of valid frames and zeroes what lies beyond it, so an utterance decodes the same alone or padded
-inside a batch: per-utterance feature normalisation over valid frames only, a front-end that clears padded
-frames after each strided convolution, and a padding-invariant encoder.
+The encoder is injected (any :class:`lobes.mixers.Encoder`), so one model class serves HyperConformer,
+Conformer, Transformer and Primer encoders. Every stage carries the number of valid frames and zeroes what
+lies beyond it, so an utterance decodes the same alone or padded inside a batch: per-utterance feature
+normalisation over valid frames only, a front-end that clears padded frames after each strided convolution,
+and a padding-invariant encoder.
 
 Decoding reuses speechbrain's searchers: :func:`ctc_greedy_decode` wraps
 ``speechbrain.decoders.ctc.ctc_greedy_decode``; ``speechbrain.decoders.ctc.CTCBeamSearcher`` takes
@@ -14,7 +14,6 @@ Decoding reuses speechbrain's searchers: :func:`ctc_greedy_decode` wraps
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -24,17 +23,15 @@ from speechbrain.lobes.features import Fbank
 from speechbrain.nnet.linear import Linear
 from torch import nn
 
-from lobes.conformer import lengths_to_padding_mask
+from lobes.masks import lengths_to_mask, lengths_to_padding_mask, relative_to_absolute, zero_padding
+from lobes.mixers import Encoder
 
 __all__ = ["ConvFrontEnd", "AttentionDecoder", "ASRModel", "LexiconCorrector", "ctc_greedy_decode"]
-
-logger = logging.getLogger(__name__)
 
 
 def _mask_frames(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Zero frames of ``x`` (B, T, ...) at or beyond ``lengths`` (B,)."""
-    keep = ~lengths_to_padding_mask(lengths, x.shape[1])  # (B, T)
-    return x * keep.view(*keep.shape, *([1] * (x.dim() - 2))).to(x.dtype)
+    return zero_padding(x, lengths_to_padding_mask(lengths, x.shape[1]))
 
 
 def ctc_greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor, blank_index: int = 0) -> list[list[int]]:
@@ -263,9 +260,10 @@ class ASRModel(nn.Module):
 
     Arguments
     ---------
-    encoder : nn.Module
-        Called as ``encoder(x, src_key_padding_mask=mask)`` and returning ``(output, ...)``, e.g.
-        :class:`lobes.conformer.ConformerEncoder`.
+    encoder : Encoder
+        Called as ``encoder(x, src_key_padding_mask=mask)`` and returning ``(output, ...)``
+        (:class:`lobes.mixers.Encoder`), e.g. :class:`lobes.conformer.ConformerEncoder` or
+        :class:`lobes.transformer.TransformerEncoder`.
     vocab_size : int
         Output tokens V (index ``blank_index`` is the CTC blank).
     d_model : int
@@ -300,7 +298,7 @@ class ASRModel(nn.Module):
     (torch.Size([2, 13, 10]), [13, 7])
     """
 
-    def __init__(self, encoder: nn.Module, vocab_size: int, d_model: int, n_mels: int = 80,
+    def __init__(self, encoder: Encoder, vocab_size: int, d_model: int, n_mels: int = 80,
                  frontend_channels: Sequence[int] = (64, 32), dropout: float = 0.1,
                  pos_encoding: Optional[nn.Module] = None, decoder: Optional[AttentionDecoder] = None,
                  sample_rate: int = 16000, n_fft: int = 400, frontend_dropout: Optional[float] = None):
@@ -333,7 +331,7 @@ class ASRModel(nn.Module):
             raise ValueError(f"expected waveforms of shape (B, samples), got {tuple(wavs.shape)}")
         if wav_lens.shape != wavs.shape[:1]:
             raise ValueError(f"expected wav_lens of shape ({wavs.shape[0]},), got {tuple(wav_lens.shape)}")
-        samples = torch.round(wav_lens.float() * wavs.shape[1]).long()
+        samples = relative_to_absolute(wav_lens.float(), wavs.shape[1])
         lengths = torch.div(samples, self.hop_length, rounding_mode="floor") + 1  # centred frames
         with torch.autocast(wavs.device.type, enabled=False):
             return self._normalised_fbank(wavs.float(), lengths)
@@ -341,7 +339,7 @@ class ASRModel(nn.Module):
     def _normalised_fbank(self, wavs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.compute_fbank(wavs)  # (B, T, F)
         lengths = lengths.clamp(max=feats.shape[1])
-        keep = (~lengths_to_padding_mask(lengths, feats.shape[1])).unsqueeze(-1).to(feats.dtype)  # (B, T, 1)
+        keep = lengths_to_mask(lengths, feats.shape[1]).unsqueeze(-1).to(feats.dtype)  # (B, T, 1)
         n = lengths.view(-1, 1, 1).to(feats.dtype)
         mean = (feats * keep).sum(1, keepdim=True) / n
         var = (((feats - mean) * keep) ** 2).sum(1, keepdim=True) / n

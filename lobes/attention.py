@@ -3,8 +3,8 @@ sinusoidal positional encoding without a length ceiling, and squared ReLU.
 
 All modules are batch-first and follow speechbrain's call convention
 ``forward(query, key, value, attn_mask=None, key_padding_mask=None, return_attn_weights=True,
-pos_embs=None)``, so they can replace ``speechbrain.nnet.attention.MultiheadAttention`` in a
-Transformer or Conformer layer.
+pos_embs=None)`` (:class:`lobes.mixers.TokenMixer`), so they can replace
+``speechbrain.nnet.attention.MultiheadAttention`` in a Transformer or Conformer layer.
 
 Mask conventions (the same as ``torch.nn.MultiheadAttention``):
 
@@ -19,7 +19,6 @@ Transformers for Language Modeling" (arXiv 2109.08668).
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Optional, Union
 
@@ -36,8 +35,6 @@ __all__ = [
     "MultiDConvHeadAttention",
     "DCONV_VARIANTS",
 ]
-
-logger = logging.getLogger(__name__)
 
 DCONV_VARIANTS = ("per_head", "shared", "per_channel")
 
@@ -293,7 +290,7 @@ class MultiHeadAttention(nn.Module):
         self.vdim = d_model if vdim is None else vdim
         self.dropout = dropout
         self.add_zero_attn = add_zero_attn
-        self._causal = False  # subclasses may attend causally (position t never sees t + 1)
+        self.causal = False  # subclasses may attend causally (position t never sees t + 1)
         self._qkv_same_embed_dim = self.kdim == d_model and self.vdim == d_model
 
         if self._qkv_same_embed_dim:
@@ -475,10 +472,10 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self._mix_time(q, k, v, key_padding_mask)
 
         # masks, broadcastable to (B, H, L, S); a causal mask alone goes to the fused kernel as is_causal
-        only_causal = (self._causal and not return_attn_weights and attn_mask is None and pos_embs is None
+        only_causal = (self.causal and not return_attn_weights and attn_mask is None and pos_embs is None
                        and key_padding_mask is None and self.bias_k is None and not self.add_zero_attn)
         masks: list[torch.Tensor] = []
-        if self._causal and not only_causal:
+        if self.causal and not only_causal:
             masks.append(_causal_mask(L, S, q.device).view(1, 1, L, S))
         for m in (attn_mask, pos_embs):
             if m is not None:
@@ -606,7 +603,6 @@ class MultiDConvHeadAttention(MultiHeadAttention):
         self.kernel_size = kernel_size
         self.variant = variant
         self.causal = causal
-        self._causal = causal
         rows = {"per_head": d_model, "per_channel": d_model // nhead, "shared": 1}[variant]
         bound = 1.0 / math.sqrt(kernel_size)  # nn.Conv1d's default for a depthwise kernel
         self.q_dconv = nn.Parameter(torch.empty(rows, kernel_size).uniform_(-bound, bound))

@@ -9,8 +9,8 @@ corresponding ``lobes`` modules.
   ``layer_norm.{weight,bias}``); their shapes are checked against each other.
 * HyperMixing's positional table ``positional_encoding.pe`` (1, max_length, d) is checked to be the
   sinusoidal table and dropped: ours computes it on demand and keeps it out of the state dict.
-* Every other key goes through :data:`SPEECHBRAIN_RENAMES`, a list of ``(regex, replacement)`` rules for
-  layouts that differ between speechbrain's models and ours.
+* Every other key passes through unchanged: :class:`lobes.conformer.ConformerEncoder` keeps speechbrain's
+  submodule names (``layers.N.mha_layer``, ``convolution_module``, ``ffn_module1`` ...).
 """
 
 from __future__ import annotations
@@ -18,21 +18,15 @@ from __future__ import annotations
 import logging
 import re
 from collections import OrderedDict
-from typing import Mapping, Optional
+from typing import Mapping
 
 import torch
 
 from lobes.attention import sinusoidal_table
 
-__all__ = ["SPEECHBRAIN_RENAMES", "convert_speechbrain_state_dict"]
+__all__ = ["convert_speechbrain_state_dict"]
 
 logger = logging.getLogger(__name__)
-
-#: Renames for keys outside HyperMixing modules, as ``(pattern, replacement)`` pairs. Rules are tried in
-#: order; the first pattern that matches the whole key (``re.fullmatch``) rewrites it with
-#: ``re.sub``-style replacement (``\1``, ``\g<name>``); a replacement of ``None`` drops the key. Keys
-#: that match no rule pass through unchanged.
-SPEECHBRAIN_RENAMES: list[tuple[str, Optional[str]]] = []
 
 _HYPER_KEY = re.compile(r"(?P<prefix>(?:.+\.)?)hyper\.(?P<rest>.+)")
 _HYPER_PARAM = re.compile(r"w(?P<gen>[12])_gen\.(?P<name>fc[12]_(?:weights|biases))")
@@ -96,14 +90,6 @@ def _check_hypermixing(prefix: str, params: dict[str, torch.Tensor]) -> int:
     return d
 
 
-def _rename(key: str) -> Optional[str]:
-    for pattern, replacement in SPEECHBRAIN_RENAMES:
-        rx = re.compile(pattern)
-        if rx.fullmatch(key):
-            return None if replacement is None else rx.sub(replacement, key)
-    return key
-
-
 # --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
@@ -119,8 +105,8 @@ def convert_speechbrain_state_dict(state_dict: Mapping[str, torch.Tensor]) -> "O
     Returns
     -------
     OrderedDict[str, torch.Tensor]
-        The same tensors (not copied) under our names, in the same order, without the positional tables
-        of HyperMixing modules; other keys renamed by :data:`SPEECHBRAIN_RENAMES`.
+        The same tensors (not copied) under the same names, in the same order, without the positional
+        tables of HyperMixing modules.
 
     Raises
     ------
@@ -173,23 +159,8 @@ def convert_speechbrain_state_dict(state_dict: Mapping[str, torch.Tensor]) -> "O
     for prefix, params in modules.items():
         _check_hypermixing(prefix, params)
 
-    converted: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-    dropped = 0
-    for key, value in state_dict.items():
-        owner = next((p for p in modules if key.startswith(p) and (
-            key[len(p):] in _OWN_KEYS or key[len(p):].startswith("hyper."))), None)
-        if owner is not None:
-            if key[len(owner):] == "positional_encoding.pe":
-                dropped += 1
-                continue
-            converted[key] = value
-            continue
-        new_key = _rename(key)
-        if new_key is None:
-            dropped += 1
-            continue
-        if new_key in converted:
-            raise KeyError(f"convert_speechbrain_state_dict: two keys map to {new_key!r} (last from {key!r})")
-        converted[new_key] = value
-    logger.debug("converted %d HyperMixing modules, dropped %d keys", len(modules), dropped)
+    tables = {prefix + "positional_encoding.pe" for prefix in modules}  # constant buffers ours computes
+    converted = OrderedDict((key, value) for key, value in state_dict.items() if key not in tables)
+    logger.debug("converted %d HyperMixing modules, dropped %d positional tables", len(modules),
+                 len(state_dict) - len(converted))
     return converted

@@ -4,8 +4,9 @@ A Conformer layer is: half-step feed-forward, token mixer, convolution module, h
 feed-forward, layer norm (Gulati et al., 2020). The token mixer is not chosen by a string: the layer
 receives a ready-made module (or the encoder receives a factory that makes one per layer), so a YAML file
 picks HyperMixing, multi-head attention, relative-position attention or Primer-EZ attention with
-``!new:`` / ``!name:``. Every mixer is called with speechbrain's attention signature
-``mixer(q, k, v, attn_mask=None, key_padding_mask=None, return_attn_weights=..., pos_embs=None)``.
+``!new:`` / ``!name:``. Mixers follow :class:`lobes.mixers.TokenMixer` (speechbrain's attention call);
+the encoder follows :class:`lobes.mixers.Encoder`. The plain Transformer encoder is
+:class:`lobes.transformer.TransformerEncoder`.
 
 Padding never leaks into valid frames: padded frames are zeroed before the token mixer and before the
 depthwise convolution (the only two places where frames meet), and all normalisations are per frame, so a
@@ -18,66 +19,29 @@ Submodule names follow speechbrain's ``ConformerEncoder`` (``layers.N.mha_layer`
 
 from __future__ import annotations
 
-import copy
-import logging
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 from speechbrain.nnet.normalization import LayerNorm
 from torch import nn
 
-from lobes.features import lengths_to_padding_mask  # re-exported: the encoder's callers build masks with it
+from lobes.hypermixing import HyperMixing
+from lobes.masks import zero_padding
+from lobes.mixers import MixerSpec, PositionwiseFeedForward, TokenMixer, check_token_mixer, make_mixers
 
 __all__ = [
     "ConvolutionModule",
     "ConformerEncoderLayer",
     "ConformerEncoder",
-    "TransformerEncoder",
     "hyperconformer_encoder",
-    "lengths_to_padding_mask",
 ]
-
-logger = logging.getLogger(__name__)
-
-MixerSpec = Union[nn.Module, Callable[[], nn.Module]]
-
-
-def _zero_padding(x: torch.Tensor, pad_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Zero the padded frames of ``x`` (B, T, D); ``pad_mask`` (B, T) is ``True`` on padding."""
-    if pad_mask is None:
-        return x
-    return x.masked_fill(pad_mask.unsqueeze(-1), 0.0)
-
-
-def _make_mixers(mixer: MixerSpec, num_layers: int) -> list[nn.Module]:
-    """One mixer per layer: deep copies of a module, or the products of a factory."""
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    if isinstance(mixer, nn.Module):
-        return [mixer] + [copy.deepcopy(mixer) for _ in range(num_layers - 1)]
-    if callable(mixer):
-        return [mixer() for _ in range(num_layers)]
-    raise TypeError(f"mixer must be an nn.Module or a callable returning one, got {type(mixer).__name__}")
-
-
-class _PositionwiseFeedForward(nn.Module):
-    """Linear -> activation -> dropout -> linear, applied to every frame."""
-
-    def __init__(self, d_model: int, d_ffn: int, activation: Callable[[], nn.Module], dropout: float):
-        super().__init__()
-        self.ffn = nn.Sequential(
-            nn.Linear(d_model, d_ffn), activation(), nn.Dropout(dropout), nn.Linear(d_ffn, d_model)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ffn(x)
 
 
 def _half_step_ffn(d_model: int, d_ffn: int, activation: Callable[[], nn.Module], dropout: float) -> nn.Sequential:
     """Pre-norm feed-forward block of a Conformer layer (its output is scaled by 1/2 by the layer)."""
     return nn.Sequential(
         nn.LayerNorm(d_model),
-        _PositionwiseFeedForward(d_model, d_ffn, activation, dropout),
+        PositionwiseFeedForward(d_model, d_ffn, activation, dropout),
         nn.Dropout(dropout),
     )
 
@@ -133,7 +97,7 @@ class ConvolutionModule(nn.Module):
         if self.causal:
             out = out[..., : -self.padding]  # drop the look-ahead frames of the left-padded conv
         out = self.after_conv(out.transpose(1, 2))  # (B, T, D)
-        return _zero_padding(out, pad_mask)
+        return zero_padding(out, pad_mask)
 
 
 class ConformerEncoderLayer(nn.Module):
@@ -148,8 +112,8 @@ class ConformerEncoderLayer(nn.Module):
         Model dimension D.
     d_ffn : int
         Hidden size of the two feed-forward blocks.
-    mixer : nn.Module
-        Token mixer with speechbrain's attention signature, returning ``(output, weights)``.
+    mixer : TokenMixer
+        Token mixer (:class:`lobes.mixers.TokenMixer`), e.g. ``HyperMixing`` or ``MultiHeadAttention``.
     kernel_size : int
         Depthwise convolution kernel size.
     activation : Callable[[], nn.Module]
@@ -170,15 +134,13 @@ class ConformerEncoderLayer(nn.Module):
     torch.Size([2, 5, 16])
     """
 
-    def __init__(self, d_model: int, d_ffn: int, mixer: nn.Module, kernel_size: int = 31,
+    def __init__(self, d_model: int, d_ffn: int, mixer: TokenMixer, kernel_size: int = 31,
                  activation: Callable[[], nn.Module] = nn.SiLU, dropout: float = 0.0, bias: bool = True,
                  causal: bool = False):
         super().__init__()
-        if not isinstance(mixer, nn.Module):
-            raise TypeError(f"mixer must be an nn.Module, got {type(mixer).__name__}")
         self.ffn_module1 = _half_step_ffn(d_model, d_ffn, activation, dropout)
         self.norm1 = LayerNorm(d_model)
-        self.mha_layer = mixer  # the token mixer (name kept for speechbrain checkpoints)
+        self.mha_layer = check_token_mixer(mixer)  # the token mixer (name kept for speechbrain checkpoints)
         self.convolution_module = ConvolutionModule(d_model, kernel_size, activation, dropout, bias, causal)
         self.ffn_module2 = _half_step_ffn(d_model, d_ffn, activation, dropout)
         self.norm2 = LayerNorm(d_model)
@@ -207,11 +169,10 @@ class ConformerEncoderLayer(nn.Module):
             (B, T, D) output and the mixer's weights (``None`` unless requested).
         """
         x = x + 0.5 * self.ffn_module1(x)
-        mixed = _zero_padding(self.norm1(x), src_key_padding_mask)
+        mixed = zero_padding(self.norm1(x), src_key_padding_mask)
         mixed = self.mha_layer(mixed, mixed, mixed, attn_mask=src_mask, key_padding_mask=src_key_padding_mask,
                                return_attn_weights=return_attn_weights, pos_embs=pos_embs)
-        # speechbrain's attention returns (output, weights), or the output alone without weights
-        mixed, weights = mixed if isinstance(mixed, tuple) else (mixed, None)
+        mixed, weights = mixed if isinstance(mixed, tuple) else (mixed, None)  # see TokenMixer's Returns
         x = x + mixed
         x = x + self.convolution_module(x, src_key_padding_mask)
         x = self.norm2(x + 0.5 * self.ffn_module2(x))
@@ -229,8 +190,9 @@ class ConformerEncoder(nn.Module):
         Model dimension D.
     d_ffn : int
         Hidden size of the feed-forward blocks.
-    mixer : nn.Module or Callable[[], nn.Module]
-        A token mixer (deep-copied for every layer) or a factory called once per layer, e.g.
+    mixer : MixerSpec
+        A token mixer (:class:`lobes.mixers.TokenMixer`, deep-copied for every layer) or a factory called once
+        per layer, e.g.
         ``!name:lobes.hypermixing.HyperMixing {input_output_dim: 144, hypernet_size: 576, num_heads: 8}``.
     kernel_size : int
         Depthwise convolution kernel size.
@@ -252,6 +214,7 @@ class ConformerEncoder(nn.Module):
     >>> from functools import partial
     >>> from lobes.hypermixing import HyperMixing
     >>> enc = ConformerEncoder(2, 16, 32, partial(HyperMixing, 16, 32, num_heads=2), kernel_size=3)
+    >>> from lobes.masks import lengths_to_padding_mask
     >>> out, _ = enc(torch.rand(2, 9, 16), src_key_padding_mask=lengths_to_padding_mask(torch.tensor([9, 4]), 9))
     >>> out.shape
     torch.Size([2, 9, 16])
@@ -261,7 +224,7 @@ class ConformerEncoder(nn.Module):
                  activation: Callable[[], nn.Module] = nn.SiLU, dropout: float = 0.0, bias: bool = True,
                  causal: bool = False, pos_encoding: Optional[nn.Module] = None):
         super().__init__()
-        mixers = _make_mixers(mixer, num_layers)
+        mixers = make_mixers(mixer, num_layers)
         self.d_model = d_model
         self.layers = nn.ModuleList(
             ConformerEncoderLayer(d_model, d_ffn, m, kernel_size, activation, dropout, bias, causal) for m in mixers
@@ -300,88 +263,13 @@ class ConformerEncoder(nn.Module):
                              f"got {tuple(src_key_padding_mask.shape)}")
         if pos_embs is None and self.pos_encoding is not None:
             pos_embs = self.pos_encoding(src)
-        out = _zero_padding(src, src_key_padding_mask)
+        out = zero_padding(src, src_key_padding_mask)
         weights = []
         for layer in self.layers:
             out, w = layer(out, src_mask, src_key_padding_mask, pos_embs, return_attn_weights)
             if return_attn_weights:
                 weights.append(w)
         return self.norm(out), weights
-
-
-class _TransformerLayer(nn.Module):
-    """Pre-norm Transformer layer: ``x + mixer(norm(x))`` then ``x + ffn(norm(x))``."""
-
-    def __init__(self, d_model: int, d_ffn: int, mixer: nn.Module, activation: Callable[[], nn.Module],
-                 dropout: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(d_model)
-        self.mixer = mixer
-        self.drop = nn.Dropout(dropout)
-        self.ffn = nn.Sequential(nn.LayerNorm(d_model), _PositionwiseFeedForward(d_model, d_ffn, activation, dropout),
-                                 nn.Dropout(dropout))
-
-    def forward(self, x, src_mask, pad_mask, pos_embs):
-        mixed = _zero_padding(self.norm1(x), pad_mask)
-        mixed = self.mixer(mixed, mixed, mixed, attn_mask=src_mask, key_padding_mask=pad_mask,
-                           return_attn_weights=False, pos_embs=pos_embs)
-        mixed = mixed[0] if isinstance(mixed, tuple) else mixed
-        x = x + self.drop(mixed)
-        return x + self.ffn(x)
-
-
-class TransformerEncoder(nn.Module):
-    """Pre-norm Transformer encoder with an injected token mixer (attention, Primer-EZ DConv attention,
-    HyperMixing), followed by a layer norm. Same call signature as :class:`ConformerEncoder`.
-
-    Arguments
-    ---------
-    num_layers : int
-        Number of layers.
-    d_model : int
-        Model dimension D.
-    d_ffn : int
-        Feed-forward hidden size.
-    mixer : nn.Module or Callable[[], nn.Module]
-        A token mixer (deep-copied per layer) or a factory called once per layer.
-    activation : Callable[[], nn.Module]
-        Feed-forward activation class (``lobes.attention.SquaredReLU`` for Primer).
-    dropout : float
-        Dropout rate.
-    pos_encoding : nn.Module, optional
-        Relative positional embeddings for the mixers, as in :class:`ConformerEncoder`.
-
-    Example
-    -------
-    >>> from functools import partial
-    >>> from lobes.attention import MultiDConvHeadAttention, SquaredReLU
-    >>> enc = TransformerEncoder(2, 16, 32, partial(MultiDConvHeadAttention, 2, 16), activation=SquaredReLU)
-    >>> enc(torch.rand(2, 5, 16))[0].shape
-    torch.Size([2, 5, 16])
-    """
-
-    def __init__(self, num_layers: int, d_model: int, d_ffn: int, mixer: MixerSpec,
-                 activation: Callable[[], nn.Module] = nn.GELU, dropout: float = 0.0,
-                 pos_encoding: Optional[nn.Module] = None):
-        super().__init__()
-        self.d_model = d_model
-        self.layers = nn.ModuleList(_TransformerLayer(d_model, d_ffn, m, activation, dropout)
-                                    for m in _make_mixers(mixer, num_layers))
-        self.pos_encoding = pos_encoding
-        self.norm = nn.LayerNorm(d_model, eps=1e-6)
-
-    def forward(self, src: torch.Tensor, src_mask: Optional[torch.Tensor] = None,
-                src_key_padding_mask: Optional[torch.Tensor] = None,
-                pos_embs: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list]:
-        """(B, T, D) frames and an optional (B, T) padding mask -> ((B, T, D), [])."""
-        if src.dim() != 3 or src.shape[-1] != self.d_model:
-            raise ValueError(f"expected input of shape (B, T, {self.d_model}), got {tuple(src.shape)}")
-        if pos_embs is None and self.pos_encoding is not None:
-            pos_embs = self.pos_encoding(src)
-        out = _zero_padding(src, src_key_padding_mask)
-        for layer in self.layers:
-            out = layer(out, src_mask, src_key_padding_mask, pos_embs)
-        return self.norm(out), []
 
 
 def hyperconformer_encoder(num_layers: int, d_model: int, d_ffn: int, nhead: int, kernel_size: int = 31,
@@ -424,9 +312,8 @@ def hyperconformer_encoder(num_layers: int, d_model: int, d_ffn: int, nhead: int
     >>> enc(torch.rand(1, 1, 16))[0].shape
     torch.Size([1, 1, 16])
     """
-    from lobes.hypermixing import HyperMixing
 
-    def make_mixer() -> nn.Module:
+    def make_mixer() -> HyperMixing:
         return HyperMixing(d_model, hypernet_size=d_ffn, tied=False, num_heads=nhead, fix_tm_hidden_size=False)
 
     return ConformerEncoder(num_layers, d_model, d_ffn, make_mixer, kernel_size, activation, dropout, bias, causal)

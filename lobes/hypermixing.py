@@ -6,8 +6,10 @@ mixes the sequence as ``out = W2 · gelu(W1ᵀ · x)``. HyperConformer (Mai et a
 uses it as the Conformer's token mixer, with several heads.
 
 This module has the constructor, parameter names, ``forward`` signature and numerics of
-``speechbrain.nnet.hypermixing`` (weights load without conversion, see ``lobes.compat``), but computes
-the same function without ever materialising ``W1`` and ``W2`` (each of size B · L · hypernet_size).
+``speechbrain.nnet.hypermixing`` (a speechbrain state dict loads after
+:func:`lobes.compat.convert_speechbrain_state_dict`, which drops the constant positional table), implements
+:class:`lobes.mixers.TokenMixer`, and computes the same function without ever materialising ``W1`` and
+``W2`` (each of size B · L · hypernet_size).
 Because the generated weights are affine in the hypernetwork's hidden activations
 ``G = gelu(fc1(x + pe))`` (size B · L · d), the products regroup:
 
@@ -20,7 +22,6 @@ is ever allocated: the returned "attention weights" are a stride-0 view of a sin
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Optional
 
@@ -30,8 +31,6 @@ from torch import nn
 from lobes.attention import PositionalEncoding
 
 __all__ = ["ParallelMLPs", "HyperNetwork", "HyperMixing"]
-
-logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------

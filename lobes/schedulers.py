@@ -23,6 +23,8 @@ import math
 import torch
 from speechbrain.utils import checkpoints
 
+from lobes.io import atomic_save
+
 __all__ = ["WarmupCosineScheduler"]
 
 logger = logging.getLogger(__name__)
@@ -103,9 +105,9 @@ class WarmupCosineScheduler:
 
     @checkpoints.mark_as_saver
     def save(self, path: str) -> None:
-        torch.save({"lr": self.lr, "final_lr": self.final_lr, "n_warmup_steps": self.n_warmup_steps,
-                    "total_steps": self.total_steps, "current_step": self.current_step,
-                    "current_lr": self.current_lr}, path)
+        atomic_save({"lr": self.lr, "final_lr": self.final_lr, "n_warmup_steps": self.n_warmup_steps,
+                     "total_steps": self.total_steps, "current_step": self.current_step,
+                     "current_lr": self.current_lr}, path)
 
     @checkpoints.mark_as_loader
     def load(self, path: str, end_of_epoch: bool = False) -> None:

@@ -13,9 +13,9 @@ from lobes.conformer import (
     ConformerEncoderLayer,
     ConvolutionModule,
     hyperconformer_encoder,
-    lengths_to_padding_mask,
 )
 from lobes.hypermixing import HyperMixing
+from lobes.masks import lengths_to_padding_mask
 
 D, FFN, H = 16, 32, 2
 TOL = 1e-5
