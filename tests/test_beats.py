@@ -6,6 +6,10 @@ names ``weight_g`` / ``weight_v``) from the reference implementation's own rando
 tensor perturbed so that no parameter keeps a trivial value (LayerNorm 1/0, gate 1).
 """
 
+import logging
+import os
+import stat
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -13,18 +17,28 @@ import torch
 import torch.nn.functional as F
 from speechbrain.lobes.models import beats as sb_beats
 
+import lobes.beats.model as beats_model
 from lobes.beats import (
     AttentivePooling,
     BEATs,
     BEATsCheckpointError,
     BEATsConfig,
     WeightedLayerSum,
+    config_from_weights,
+    label_names,
+    layer_index,
+    load_beats,
     masked_mean,
     min_num_samples,
+    read_audioset_names,
+    read_config,
     token_padding_mask,
     top_k_labels,
     valid_token_counts,
 )
+from lobes.beats.config import HIDDEN_FORWARD_FIELDS, WEIGHT_FIELDS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TOL = 1e-4  # max abs, features and probabilities
 
@@ -57,7 +71,8 @@ def _write_microsoft_checkpoint(path, cfg, label_dict=None, seed=0):
         table = torch.randn(cfg["num_buckets"], cfg["encoder_attention_heads"], generator=g)
         for i in range(cfg["encoder_layers"]):
             state[f"encoder.layers.{i}.self_attn.relative_attention_bias.weight"] = table
-    for old, new in (("parametrizations.weight.original0", "weight_g"), ("parametrizations.weight.original1", "weight_v")):
+    for old, new in (("parametrizations.weight.original0", "weight_g"),
+                     ("parametrizations.weight.original1", "weight_v")):
         state[f"encoder.pos_conv.0.{new}"] = state.pop(f"encoder.pos_conv.0.{old}")
     ckpt = {"cfg": cfg, "model": state}
     if label_dict is not None:
@@ -214,7 +229,7 @@ def test_minimum_length_works_one_below_fails():
     "wav, lens, err, match",
     [
         (torch.zeros(1, 0), None, ValueError, "too short"),
-        (torch.zeros(0, 4000), None, ValueError, "too short"),
+        (torch.zeros(0, 4000), None, ValueError, r"empty batch: wav has shape \(0, 4000\)"),
         (torch.full((1, 4000), float("nan")), None, ValueError, "NaN"),
         (torch.tensor([[0.0] * 3999 + [float("inf")]]), None, ValueError, "Inf"),
         (torch.zeros(1, 2, 4000), None, ValueError, r"\(B, N\)"),
@@ -232,11 +247,31 @@ def test_bad_input(wav, lens, err, match):
         model(wav, lens)
 
 
+def test_unscaled_int16_values_warn_once_per_process(monkeypatch, caplog):
+    monkeypatch.setattr(beats_model, "_loud_input_warned", False)
+    model = BEATs(cfg=_tiny_cfg())
+    with caplog.at_level(logging.WARNING, logger="lobes.beats"):
+        model(_wav(1, 0.5))  # ordinary float audio: no warning
+        model(_wav(1, 1.0) * 1.5)  # a little clipping is not int16 PCM either
+        assert not caplog.records
+        pcm = (_wav(2, 0.5) * 32767).round()  # int16 sample values in a float tensor
+        model(pcm)
+        model(pcm)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1, messages
+    assert "int16" in messages[0] and "32768" in messages[0] and "once per process" in messages[0]
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 def test_checkpoint_round_trip_and_reference_loads_ours(pair, tmp_path):
     ours, _ = pair
-    path = ours.save_checkpoint(tmp_path / "sub" / "copy.pt")
+    old = os.umask(0o022)
+    try:
+        path = ours.save_checkpoint(tmp_path / "sub" / "copy.pt")
+    finally:
+        os.umask(old)
     assert sorted(p.name for p in path.parent.iterdir()) == ["copy.pt"]  # no temporary left behind
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # the umask applies, not a private temporary's 0600
     raw = torch.load(path, map_location="cpu", weights_only=True)
     assert set(raw) == {"cfg", "model", "label_dict"} and "encoder.pos_conv.0.weight_g" in raw["model"]
     again = BEATs(path, output_all_hiddens=True)
@@ -290,6 +325,78 @@ def test_checkpoint_errors(pretrained_ckpt, tmp_path):
     assert issubclass(BEATsCheckpointError, ValueError)
 
 
+@pytest.mark.parametrize("cfg", [
+    _tiny_cfg(),
+    _tiny_cfg(finetuned_model=True, predictor_class=5, conv_bias=True, num_buckets=40, input_patch_size=8),
+    BEATsConfig(encoder_layers=3, encoder_embed_dim=32, encoder_ffn_embed_dim=48, encoder_attention_heads=2,
+                embed_dim=32, conv_pos=12, conv_pos_groups=8),
+])
+def test_config_from_weights_reads_back_every_visible_field(cfg):
+    found = config_from_weights(BEATs(cfg=cfg).state_dict())
+    expected = set(WEIGHT_FIELDS) if cfg.relative_position_embedding else (
+        set(WEIGHT_FIELDS) - {"num_buckets", "encoder_attention_heads"})
+    if not cfg.finetuned_model:
+        expected.discard("predictor_class")
+    assert set(found) == expected
+    for field, (value, key) in found.items():
+        assert value == getattr(cfg, field), (field, key)
+
+
+def _partial_checkpoint(tmp_path, pretrained_ckpt, drop=(), **changes):
+    raw = torch.load(pretrained_ckpt, weights_only=True)
+    cfg = {k: v for k, v in raw["cfg"].items() if k not in drop}
+    cfg.update(changes)
+    path = tmp_path / f"partial_{len(list(tmp_path.iterdir()))}.pt"
+    torch.save({"cfg": cfg, "model": raw["model"]}, path)
+    return path
+
+
+def test_cfg_that_contradicts_the_weights_names_field_and_key(pretrained_ckpt, tmp_path):
+    table = "encoder.layers.0.self_attn.relative_attention_bias.weight"  # (320, 4) in this checkpoint
+    partial = _partial_checkpoint(tmp_path, pretrained_ckpt, num_buckets=64)
+    with pytest.raises(BEATsCheckpointError, match=rf"cfg num_buckets=64 but the weights \({table}\) imply "
+                                                   "num_buckets=320"):
+        BEATs(partial)
+    # A missing field whose default cannot be right given the weights is an error saying how to fix it.
+    raw = torch.load(pretrained_ckpt, weights_only=True)
+    model = dict(raw["model"])
+    for i in range(2):
+        model[f"encoder.layers.{i}.self_attn.relative_attention_bias.weight"] = torch.randn(64, 4)
+    cfg = {k: v for k, v in raw["cfg"].items() if k != "num_buckets"}
+    torch.save({"cfg": cfg, "model": model}, tmp_path / "buckets.pt")
+    with pytest.raises(BEATsCheckpointError, match=r"cfg has no 'num_buckets', so 320 was assumed, but the "
+                                                   rf"weights \({table}\) imply 64.*cfg=\{{'num_buckets': 64\}}"):
+        BEATs(tmp_path / "buckets.pt")
+    fixed = BEATs(tmp_path / "buckets.pt", cfg={"num_buckets": 64})  # the way out the message names
+    assert fixed.encoder.num_buckets == 64
+    with pytest.raises(BEATsCheckpointError, match="cfg has no 'relative_position_embedding'.*imply True"):
+        BEATs(_partial_checkpoint(tmp_path, pretrained_ckpt, drop=("relative_position_embedding",)))
+    with pytest.raises(BEATsCheckpointError, match=r"cfg has no 'gru_rel_pos'.*grep_a\) imply True"):
+        BEATs(_partial_checkpoint(tmp_path, pretrained_ckpt, drop=("gru_rel_pos",)))
+
+
+def test_missing_hidden_fields_warn_with_the_assumed_value(pretrained_ckpt, tmp_path, caplog):
+    assert set(HIDDEN_FORWARD_FIELDS) >= {"deep_norm", "max_distance", "activation_fn", "layer_norm_first"}
+    assert "layer_wise_gradient_decay_ratio" not in HIDDEN_FORWARD_FIELDS  # gradients only
+    path = _partial_checkpoint(tmp_path, pretrained_ckpt,
+                               drop=("deep_norm", "max_distance", "layer_wise_gradient_decay_ratio", "dropout"))
+    with caplog.at_level(logging.WARNING, logger="lobes.beats"):
+        model = BEATs(path)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages
+    deep, dist = sorted(messages, key=lambda m: "max_distance" in m)
+    assert "cfg has no 'deep_norm'" in deep and "assuming False" in deep and "use True" in deep
+    assert "cfg has no 'max_distance'" in dist and "assuming 1280" in dist and "use 800" in dist
+    assert "cfg={'max_distance': ...}" in dist and str(path) in dist
+    assert model.encoder.max_distance == 1280 and model.encoder.layers[0].alpha == 1.0  # what was announced
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lobes.beats"):
+        model = BEATs(path, cfg={"deep_norm": True, "max_distance": 800})
+    assert not caplog.records and model.encoder.max_distance == 800
+    wav = _wav(1, 1.0)
+    assert torch.equal(model(wav)[0], BEATs(pretrained_ckpt)(wav)[0])
+
+
 def test_cfg_overrides_on_load(pretrained_ckpt):
     model = BEATs(pretrained_ckpt, freeze=False, cfg={"dropout": 0.3})
     assert model.cfg.dropout == 0.3 and model.cfg.encoder_layers == 2
@@ -306,6 +413,62 @@ def test_tagging(pair):
     assert top_k_labels(torch.tensor([[0.2, 0.7]]), None, k=1) == [[("class_1", pytest.approx(0.7))]]
     with pytest.raises(ValueError, match="fine-tuned"):
         BEATs(cfg=_tiny_cfg()).tag(_wav(1, 1.0))
+
+
+# ---------------------------------------------------------------------------------------------- commands' helpers
+def test_load_beats_checkpoint_or_seeded_random_model(pretrained_ckpt, caplog):
+    model = load_beats(pretrained_ckpt, output_all_hiddens=True)
+    assert not model.training and model.output_all_hiddens and model.cfg.encoder_embed_dim == 64
+    with pytest.raises(ValueError, match="one or the other"):
+        load_beats(pretrained_ckpt, config={"encoder_layers": 1})
+    tiny = _tiny_cfg().to_dict()
+    state = torch.random.get_rng_state()
+    with caplog.at_level(logging.WARNING, logger="lobes.beats"):
+        a, b = load_beats(config=tiny), load_beats(config=tiny, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    c = load_beats(config=tiny, seed=1)
+    assert not torch.equal(a.encoder.layers[0].fc1.weight, c.encoder.layers[0].fc1.weight)
+    assert sum("RANDOMLY INITIALISED" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_read_config_from_yaml_and_errors(tmp_path):
+    cfg = read_config(ROOT / "hparams" / "beats_tiny.yaml")
+    assert (cfg.encoder_layers, cfg.num_buckets, cfg.max_distance) == (3, 64, 800)
+    (tmp_path / "typo.yaml").write_text("encoder_layer: 3\n")
+    with pytest.raises(ValueError, match=r"unknown fields \['encoder_layer'\]"):
+        read_config(tmp_path / "typo.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="YAML mapping of BEATsConfig fields"):
+        read_config(tmp_path / "list.yaml")
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        read_config(tmp_path / "nope.yaml")
+
+
+def test_layer_index():
+    assert [layer_index(x, 4) for x in ("last", "all", "0", 4, "-1", -5)] == [None, None, 0, 4, 4, 0]
+    for bad in ("5", -6):
+        with pytest.raises(ValueError, match=r"layers 0\.\.4"):
+            layer_index(bad, 4)
+    with pytest.raises(ValueError, match="'last', 'all' or an integer"):
+        layer_index("middle", 4)
+
+
+def test_label_names(tmp_path, caplog):
+    model = BEATs(cfg=_tiny_cfg(finetuned_model=True, predictor_class=3))
+    with caplog.at_level(logging.WARNING, logger="lobes.beats"):
+        assert label_names(model) == ["class_0", "class_1", "class_2"]
+    assert "no label_dict" in caplog.text
+    model.label_dict = {0: "/m/a", 1: "/m/b", 2: "/m/c"}
+    csv_path = tmp_path / "class_labels_indices.csv"
+    csv_path.write_text('index,mid,display_name\n0,/m/c,"Cat, domestic"\n1,/m/a,Alarm\n')
+    assert read_audioset_names(csv_path) == {"/m/c": "Cat, domestic", "/m/a": "Alarm"}
+    assert label_names(model, csv_path) == ["Alarm", "/m/b", "Cat, domestic"]  # predictor order, not CSV order
+    (tmp_path / "bad.csv").write_text("index,name\n0,x\n")
+    with pytest.raises(ValueError, match=r"'mid' and 'display_name'.*\['index', 'name'\]"):
+        label_names(model, tmp_path / "bad.csv")
+    with pytest.raises(ValueError, match="no predictor"):
+        label_names(BEATs(cfg=_tiny_cfg()))
 
 
 # ---------------------------------------------------------------------------------------------- layers / pooling
@@ -385,7 +548,7 @@ def test_frozen_model_stays_eval_without_grad(pretrained_ckpt):
     assert not out.requires_grad
 
 
-# ---------------------------------------------------------------------------------------------- speed structure / precision
+# ------------------------------------------------------------------------------------- speed structure / precision
 def test_attention_goes_through_sdpa_and_buckets_are_cached():
     model = BEATs(cfg=_tiny_cfg(encoder_layers=3))
     calls = []

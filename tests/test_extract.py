@@ -1,9 +1,11 @@
-"""``python -m lobes.extract``: outputs equal a direct BEATs call, errors, resume, shards, tags."""
+"""``python -m lobes.extract``: outputs equal a direct BEATs call, errors, resume, shards, tags, settings
+records, set-up errors before any work, file permissions."""
 
 import csv
 import json
 import logging
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +16,10 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from lobes.beats import BEATs, valid_token_counts
-from lobes.extract import EXIT_FAILED_FILES, EXIT_OK, EXIT_USAGE, _build_parser, length_batches, main
+import lobes.extract as extract
+from lobes.beats import BEATs, BEATsConfig, valid_token_counts
+from lobes.extract import SETTINGS_FILE, _build_parser, main
+from lobes.inputs import EXIT_FAILED_FILES, EXIT_OK, EXIT_USAGE, fingerprint, length_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CFG = {
@@ -28,12 +32,12 @@ ATOL = 2e-4  # fp32, batched-and-padded vs. alone
 # conv1d returns wrong values, which would hide the bf16 check below behind that unrelated defect.
 
 
-def _checkpoint(path: Path, num_classes: int = 0) -> Path:
+def _checkpoint(path: Path, num_classes: int = 0, seed: int = 1) -> Path:
     """A Microsoft-format checkpoint with random weights; with a predictor and label_dict if asked."""
-    cfg = dict(TINY_CFG)
+    cfg = BEATsConfig(TINY_CFG).to_dict()  # every field, as released checkpoints carry them
     if num_classes:
         cfg.update(finetuned_model=True, predictor_class=num_classes)
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     model = BEATs(cfg=cfg)
     ckpt = {"cfg": cfg, "model": model.state_dict()}
     if num_classes:
@@ -195,13 +199,151 @@ def test_tags_with_as2m_style_checkpoint(audio_tree, tagger_ckpt, tmp_path):
         mine = [r for r in rows if r["input"] == str(audio_tree / rel)]
         assert [r["label"] for r in mine] == [t["label"] for t in tags]
 
+    # AudioSet's class_labels_indices.csv turns the label ids into display names.
+    names = tmp_path / "class_labels_indices.csv"
+    names.write_text("index,mid,display_name\n" + "".join(f'{i},/m/class{i},"Sound {i}"\n' for i in range(6)))
+    named = tmp_path / "named"
+    assert main(["--input", str(audio_tree / "a.wav"), "--output", str(named), "--checkpoint", str(tagger_ckpt),
+                 "--tags", "3", "--pooling", "mean", "--label-names", str(names), "--quiet"]) == EXIT_OK
+    first = json.loads((out / "a.wav.tags.json").read_text())
+    renamed = json.loads((named / "a.wav.tags.json").read_text())
+    assert [t["label"] for t in renamed] == [t["label"].replace("/m/class", "Sound ") for t in first]
 
-def test_tags_need_a_predictor_and_bad_arguments_exit_2(audio_tree, tiny_ckpt, tmp_path):
+
+def test_tags_need_a_predictor_and_bad_arguments_exit_2(audio_tree, tiny_ckpt, tmp_path, caplog):
     base = ["--input", str(audio_tree), "--output", str(tmp_path / "o"), "--quiet"]
     assert main(base + ["--checkpoint", str(tiny_ckpt), "--tags", "2"]) == EXIT_USAGE
     assert main(base + ["--checkpoint", str(tmp_path / "missing.pt")]) == EXIT_USAGE
     assert main(base + ["--checkpoint", str(tiny_ckpt), "--shard", "3/2"]) == EXIT_USAGE
     assert main(["--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")]) == EXIT_USAGE
+    assert main(base + ["--checkpoint", str(tiny_ckpt), "--layer", "first"]) == EXIT_USAGE
+    caplog.clear()
+    assert main(base + ["--checkpoint", str(tiny_ckpt), "--layer", "3"]) == EXIT_USAGE
+    assert "--layer 3: this model has layers 0..2" in caplog.text
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("encoder_layers: 2\n")
+    caplog.clear()
+    assert main(base + ["--checkpoint", str(tiny_ckpt), "--config", str(cfg)]) == EXIT_USAGE
+    assert "one or the other" in caplog.text
+    assert not list((tmp_path / "o").rglob("*.npy"))
+
+
+def _must_not_load(*args, **kwargs):
+    raise AssertionError("the model was loaded although the set-up was bad")
+
+
+def test_output_that_is_a_file_exits_2_before_the_model_loads(audio_tree, tiny_ckpt, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(extract, "load_beats", _must_not_load)
+    target = tmp_path / "features.npy"
+    target.write_bytes(b"keep me")
+    for output in (target, target / "sub"):
+        caplog.clear()
+        rc = main(["--input", str(audio_tree), "--output", str(output), "--checkpoint", str(tiny_ckpt), "--quiet"])
+        assert rc == EXIT_USAGE
+        assert f"--output {output}" in caplog.text and "file" in caplog.text
+    assert target.read_bytes() == b"keep me"
+
+
+def test_missing_gpu_or_bad_device_exits_2_before_the_model_loads(audio_tree, tiny_ckpt, tmp_path, monkeypatch,
+                                                                   caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(extract, "load_beats", _must_not_load)
+    base = ["--input", str(audio_tree), "--output", str(tmp_path / "o"), "--checkpoint", str(tiny_ckpt), "--quiet"]
+    assert main(base + ["--device", "cuda:0"]) == EXIT_USAGE
+    assert "--device cuda:0" in caplog.text and "no CUDA GPU" in caplog.text
+    caplog.clear()
+    assert main(base + ["--device", "gpu0"]) == EXIT_USAGE
+    assert "not a torch device" in caplog.text
+    assert not (tmp_path / "o").exists()
+
+
+def test_no_audio_inputs_exit_2_but_an_empty_shard_is_fine(audio_tree, tiny_ckpt, tmp_path, caplog):
+    empty = tmp_path / "empty"
+    (empty / "docs").mkdir(parents=True)
+    (empty / "docs" / "notes.txt").write_text("no audio here")
+    header_only = tmp_path / "list.csv"
+    header_only.write_text("ID,wav\n")
+    for source in (empty, header_only):
+        caplog.clear()
+        rc = main(["--input", str(source), "--output", str(tmp_path / "o"), "--checkpoint", str(tiny_ckpt)])
+        assert rc == EXIT_USAGE
+        assert "no audio inputs found" in caplog.text
+    assert main(["--input", str(empty), "--output", str(tmp_path / "o"), "--checkpoint", str(tiny_ckpt),
+                 "--shard", "1/2"]) == EXIT_USAGE
+    # 7 inputs, 8 shards: the last shard is empty, which is not an error.
+    out = tmp_path / "shards"
+    assert main(["--input", str(audio_tree), "--output", str(out), "--checkpoint", str(tiny_ckpt),
+                 "--shard", "7/8", "--quiet"]) == EXIT_OK
+    assert _read_csv(out / "manifest.shard-7-of-8.csv") == []
+
+
+def _mtimes(folder):
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*.npy")}
+
+
+def test_other_settings_are_refused_unless_overwrite(audio_tree, tiny_ckpt, tmp_path, caplog):
+    out = tmp_path / "out"
+    base = ["--input", str(audio_tree / "sub"), "--output", str(out), "--checkpoint", str(tiny_ckpt),
+            "--pooling", "mean", "--quiet"]
+    assert main(base) == EXIT_OK
+    record = json.loads((out / SETTINGS_FILE).read_text())
+    assert record["checkpoint_sha256"] == fingerprint(tiny_ckpt)
+    assert (record["layer"], record["pooling"], record["precision"]) == ("last", "mean", "fp32")
+    done = _mtimes(out)
+    assert len(done) == 3
+
+    other_ckpt = _checkpoint(tmp_path / "other.pt", seed=2)
+    changes = [
+        (["--layer", "1"], "layer"),
+        (["--precision", "bf16"], "precision"),
+        (["--pooling", "none"], "pooling"),
+        (["--checkpoint", str(other_ckpt)], "checkpoint_sha256"),
+    ]
+    for extra, field in changes:
+        caplog.clear()
+        assert main(base + extra) == EXIT_USAGE, field
+        assert f"{field}:" in caplog.text and "--overwrite" in caplog.text, caplog.text
+    assert _mtimes(out) == done  # nothing was encoded or removed
+
+    # The same settings resume (the same checkpoint under another name included): nothing is rewritten.
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(tiny_ckpt.read_bytes())
+    assert main(base + ["--checkpoint", str(copy)]) == EXIT_OK
+    assert _mtimes(out) == done
+
+    # --overwrite removes the earlier outputs and starts over with the new settings.
+    stale = out / "gone" / "old.wav.npy"
+    stale.parent.mkdir()
+    np.save(stale, np.zeros(3))
+    assert main(base + ["--layer", "1", "--overwrite"]) == EXIT_OK
+    assert not stale.exists() and not stale.parent.exists()
+    assert json.loads((out / SETTINGS_FILE).read_text())["layer"] == 1
+    model = _load(tiny_ckpt)
+    wav = _reference_input(audio_tree / "sub" / "b.flac")
+    with torch.no_grad():
+        ref = model.extract_features(wav[None], layer=1)[0][0].mean(dim=0)
+    np.testing.assert_allclose(np.load(out / "b.flac.npy"), ref.numpy(), atol=ATOL, rtol=0)
+    assert len(_read_csv(out / "manifest.csv")) == 3
+    # ... and a rerun with those settings resumes, --overwrite or not.
+    done = _mtimes(out)
+    assert main(base + ["--layer", "1", "--overwrite"]) == EXIT_OK
+    assert main(base + ["--layer", "1"]) == EXIT_OK
+    assert _mtimes(out) == done
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664)])
+def test_outputs_follow_the_umask(audio_tree, tagger_ckpt, tmp_path, umask, mode):
+    out = tmp_path / "out"
+    old = os.umask(umask)
+    try:
+        rc = main(["--input", str(audio_tree / "sub"), "--output", str(out), "--checkpoint", str(tagger_ckpt),
+                   "--pooling", "mean", "--tags", "2", "--quiet"])
+    finally:
+        os.umask(old)
+    assert rc == EXIT_OK
+    modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+    assert {"settings.json", "manifest.csv", "errors.csv", "tags.csv", "b.flac.npy", "b.flac.tags.json"} <= set(modes)
+    assert set(modes.values()) == {mode}, modes
 
 
 def test_csv_input_uses_ids(audio_tree, tiny_ckpt, tmp_path):
@@ -231,14 +373,24 @@ def test_help_and_random_model_warning(audio_tree, tmp_path, caplog):
     assert "exit codes" in help_text and "16 kHz" in help_text and "mono" in help_text
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("".join(f"{k}: {v}\n" for k, v in TINY_CFG.items()))
-    with caplog.at_level(logging.INFO, logger="lobes.extract"):
-        rc = main(["--input", str(audio_tree / "sub"), "--output", str(tmp_path / "o"), "--config", str(cfg),
-                   "--pooling", "mean", "--quiet"])
+    argv = ["--input", str(audio_tree / "sub"), "--config", str(cfg), "--pooling", "mean", "--quiet"]
+    with caplog.at_level(logging.INFO, logger="lobes"):
+        rc = main(argv + ["--output", str(tmp_path / "o")])
     assert rc == EXIT_OK
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("RANDOMLY INITIALISED" in w for w in warnings)
     assert any("audio-s/s" in r.getMessage() for r in caplog.records)  # throughput in the log
-    assert len(list((tmp_path / "o").rglob("*.npy"))) == 3
+    outputs = sorted((tmp_path / "o").rglob("*.npy"))
+    assert len(outputs) == 3
+    # The random model comes from a fixed seed: a second run gives the same features.
+    assert main(argv + ["--output", str(tmp_path / "again")]) == EXIT_OK
+    for path in outputs:
+        assert np.array_equal(np.load(path), np.load(tmp_path / "again" / path.relative_to(tmp_path / "o")))
+    # Another architecture into the same folder is refused, naming the cfg field that differs.
+    cfg.write_text("".join(f"{k}: {v}\n" for k, v in {**TINY_CFG, "encoder_layers": 1}.items()))
+    caplog.clear()
+    assert main(argv + ["--output", str(tmp_path / "o")]) == EXIT_USAGE
+    assert "cfg" in caplog.text and "encoder_layers" in caplog.text
 
 
 @pytest.mark.slow

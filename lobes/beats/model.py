@@ -6,8 +6,9 @@ tuples as SpeechBrain's ``speechbrain.lobes.models.beats.BEATs``, with three dif
 * padding is exact: a row's valid tokens are derived from its valid sample count (frames from samples,
   a token is valid when its whole 16-frame time patch lies inside the valid frames), padded keys are
   masked, and a clip padded inside a batch gives the same valid-token features as the clip alone;
-* ``wav_lens`` may be omitted, and bad input (too short, NaN, stereo, integer PCM, bad lengths) raises a
-  ``ValueError`` / ``TypeError`` that says what was expected;
+* ``wav_lens`` may be omitted, and bad input (empty batch, too short, NaN, stereo, integer PCM, bad lengths)
+  raises a ``ValueError`` / ``TypeError`` that says what was expected; float input far outside [-1, 1]
+  (int16 sample values not divided by 32768) is warned about once per process;
 * attention runs through ``scaled_dot_product_attention`` with the gated relative-position bias and
   the key padding mask folded into one additive mask; the bucket table is computed once per length.
 
@@ -26,7 +27,6 @@ import copy
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lobes.beats.checkpoint import BEATsCheckpointError, check_config_against_weights, load_checkpoint
+from lobes.beats.config import BEATsConfig
 from lobes.beats.pooling import NUM_MEL_BINS, masked_mean, min_num_samples, token_padding_mask, top_k_labels
-from lobes.features import kaldi_fbank, to_sample_lengths
+from lobes.features import kaldi_fbank
+from lobes.io import atomic_save
+from lobes.masks import to_sample_lengths
 
-__all__ = ["FBANK_MEAN", "FBANK_STD", "BEATs", "BEATsCheckpointError", "BEATsConfig", "load_checkpoint"]
+__all__ = [
+    "FBANK_MEAN",
+    "FBANK_STD",
+    "LOUD_INPUT_PEAK",
+    "BEATs",
+    "BEATsCheckpointError",
+    "BEATsConfig",
+    "load_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,78 +57,21 @@ FBANK_MEAN = 15.41663
 FBANK_STD = 6.55582
 
 
-class BEATsCheckpointError(ValueError):
-    """A file or state dict that is not a loadable BEATs checkpoint (the message names file and key)."""
+LOUD_INPUT_PEAK = 4.0
+"""Peak ``|x|`` above which float input is taken for unscaled integer PCM (warned once per process)."""
+_loud_input_warned = False
 
 
-class BEATsConfig:
-    """BEATs hyper-parameters, with the field names and defaults of Microsoft's ``BEATsConfig``.
-
-    The defaults are those of the reference code (not of a released model); released checkpoints carry
-    their full configuration. :meth:`released` returns the released architecture (iter1/2/3, iter3+).
-
-    Arguments
-    ---------
-    cfg : dict, optional
-        Values overriding the defaults (e.g. a checkpoint's ``"cfg"``). Unknown keys are kept (and
-        saved back) but unused.
-    **overrides
-        Further overrides as keyword arguments.
-
-    Example
-    -------
-    >>> cfg = BEATsConfig(encoder_layers=2, encoder_embed_dim=64, encoder_attention_heads=4)
-    >>> cfg.encoder_layers, BEATsConfig.released().deep_norm
-    (2, True)
-    """
-
-    _DEFAULTS: dict[str, Any] = {
-        "input_patch_size": 16, "embed_dim": 512, "conv_bias": False,
-        "encoder_layers": 12, "encoder_embed_dim": 768, "encoder_ffn_embed_dim": 3072,
-        "encoder_attention_heads": 12, "activation_fn": "gelu",
-        "layer_wise_gradient_decay_ratio": 1.0, "layer_norm_first": False, "deep_norm": False,
-        "dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.0, "encoder_layerdrop": 0.0,
-        "dropout_input": 0.0,
-        "conv_pos": 128, "conv_pos_groups": 16,
-        "relative_position_embedding": False, "num_buckets": 320, "max_distance": 1280, "gru_rel_pos": False,
-        "finetuned_model": False, "predictor_dropout": 0.1, "predictor_class": 527,
-    }
-    _RELEASED: dict[str, Any] = {
-        "deep_norm": True, "relative_position_embedding": True, "max_distance": 800, "gru_rel_pos": True,
-    }
-
-    def __init__(self, cfg: dict | None = None, **overrides: Any) -> None:
-        self.__dict__.update(self._DEFAULTS)
-        if cfg is not None:
-            self.update(cfg)
-        if overrides:
-            self.update(overrides)
-
-    @classmethod
-    def released(cls, **overrides: Any) -> "BEATsConfig":
-        """The released BEATs architecture (12 x 768, deep norm, gated relative positions)."""
-        return cls({**cls._RELEASED, **overrides})
-
-    def update(self, cfg: "dict | BEATsConfig") -> None:
-        """Override fields from a dict (or another config)."""
-        if isinstance(cfg, BEATsConfig):
-            cfg = cfg.to_dict()
-        if not isinstance(cfg, dict):
-            raise TypeError(f"BEATs cfg must be a dict or BEATsConfig, got {type(cfg).__name__}")
-        unknown = sorted(set(cfg) - set(self._DEFAULTS))
-        if unknown:
-            logger.debug("BEATs cfg: keeping unused keys %s", unknown)
-        self.__dict__.update(cfg)
-
-    def to_dict(self) -> dict[str, Any]:
-        """All fields as a plain dict (what a checkpoint's ``"cfg"`` holds)."""
-        return dict(self.__dict__)
-
-    def __repr__(self) -> str:
-        return f"BEATsConfig({self.to_dict()})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, BEATsConfig) and self.to_dict() == other.to_dict()
+def _warn_loud_input(peak: float) -> None:
+    global _loud_input_warned
+    if _loud_input_warned:
+        return
+    _loud_input_warned = True
+    logger.warning(
+        "BEATs input peaks at |x| = %.4g, far outside [-1, 1]: this looks like int16 PCM values stored as floats "
+        "without dividing by 32768, and the features will be wrong. Scale with wav / 32768 (or read files with "
+        "lobes.io.load_audio). This warning is shown once per process.", peak,
+    )
 
 
 def _check_input(wav: Tensor, wav_lens: Tensor | None, patch_size: int) -> tuple[Tensor, Tensor | None]:
@@ -133,13 +88,18 @@ def _check_input(wav: Tensor, wav_lens: Tensor | None, patch_size: int) -> tuple
         raise ValueError(
             f"wav must have shape (B, N) (mono, 16 kHz), got {tuple(wav.shape)}; mix or pick one channel first"
         )
+    if wav.shape[0] == 0:
+        raise ValueError(f"empty batch: wav has shape {tuple(wav.shape)}; expected (B, N) with at least one row")
     need = min_num_samples(patch_size)
-    if wav.shape[0] == 0 or wav.shape[1] < need:
+    if wav.shape[1] < need:
         raise ValueError(
             f"audio too short for BEATs: got {wav.shape[1]} samples, need at least {need} (16 kHz) for one patch"
         )
-    if not torch.isfinite(wav).all():
+    peak = wav.detach().abs().amax()  # NaN propagates, so one reduction checks both
+    if not torch.isfinite(peak):
         raise ValueError("wav contains NaN or Inf values")
+    if peak > LOUD_INPUT_PEAK:
+        _warn_loud_input(float(peak))
     if wav_lens is not None:
         if not torch.is_tensor(wav_lens) or not wav_lens.is_floating_point():
             raise TypeError("wav_lens must be a float tensor of relative lengths in (0, 1], shape (B,)")
@@ -380,63 +340,6 @@ class _Encoder(nn.Module):
         return x, hiddens
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a BEATs checkpoint file safely (``map_location="cpu"``, ``weights_only=True``) and check its form.
-
-    Arguments
-    ---------
-    path : str or path-like
-        A Microsoft BEATs file: a dict with ``"cfg"`` (dict) and ``"model"`` (state dict), plus
-        ``"label_dict"`` for AudioSet fine-tuned ones.
-
-    Returns
-    -------
-    dict
-        The checkpoint dict.
-
-    Raises
-    ------
-    FileNotFoundError
-        No such file.
-    BEATsCheckpointError
-        Unreadable / truncated file, or not a BEATs checkpoint.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"BEATs checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise BEATsCheckpointError(
-            f"{path}: cannot read as a torch checkpoint (truncated or not a torch file?): {type(exc).__name__}: {exc}"
-        ) from exc
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "cfg" not in ckpt:
-        keys = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise BEATsCheckpointError(
-            f"{path}: not a BEATs checkpoint: expected a dict with 'cfg' and 'model' (and optionally 'label_dict'), "
-            f"got {keys}"
-        )
-    if not isinstance(ckpt["cfg"], dict):
-        raise BEATsCheckpointError(f"{path}: 'cfg' must be a dict of hyper-parameters, got {type(ckpt['cfg']).__name__}")
-    model = ckpt["model"]
-    if not isinstance(model, dict) or not all(torch.is_tensor(v) for v in model.values()):
-        raise BEATsCheckpointError(f"{path}: 'model' must be a state dict (name -> tensor)")
-    return ckpt
-
-
 class BEATs(nn.Module):
     """BEATs encoder with Microsoft checkpoint I/O; a drop-in for SpeechBrain's ``BEATs``.
 
@@ -471,6 +374,9 @@ class BEATs(nn.Module):
         config = BEATsConfig(ckpt["cfg"]) if ckpt is not None else BEATsConfig()
         if cfg is not None:
             config.update(cfg)
+        if ckpt is not None:
+            overrides = cfg.to_dict() if isinstance(cfg, BEATsConfig) else (cfg or {})
+            check_config_against_weights(config, ckpt["model"], set(ckpt["cfg"]) | set(overrides), str(ckp_path))
         if config.deep_norm and config.layer_norm_first:
             raise ValueError("BEATs cfg: deep_norm and layer_norm_first cannot both be True")
         if NUM_MEL_BINS % config.input_patch_size:
@@ -501,7 +407,10 @@ class BEATs(nn.Module):
         beta = math.pow(8 * self.cfg.encoder_layers, -0.25) if self.cfg.deep_norm else 1.0
         for layer in self.encoder.layers:
             for lin in (layer.fc1, layer.fc2):
-                nn.init.xavier_normal_(lin.weight, gain=beta) if self.cfg.deep_norm else nn.init.normal_(lin.weight, 0, .02)
+                if self.cfg.deep_norm:
+                    nn.init.xavier_normal_(lin.weight, gain=beta)
+                else:
+                    nn.init.normal_(lin.weight, 0, 0.02)
                 nn.init.zeros_(lin.bias)
             att = layer.self_attn
             for lin, gain in ((att.q_proj, 1.0), (att.k_proj, 1.0), (att.v_proj, beta), (att.out_proj, beta)):
@@ -559,8 +468,7 @@ class BEATs(nn.Module):
         ckpt: dict[str, Any] = {"cfg": copy.deepcopy(self.cfg.to_dict()), "model": state}
         if self.label_dict is not None:
             ckpt["label_dict"] = dict(self.label_dict)
-        _atomic_save(ckpt, path)
-        return path
+        return atomic_save(ckpt, path)
 
     def train(self, mode: bool = True) -> "BEATs":
         """Set train mode; a frozen model stays in eval mode (deterministic features)."""

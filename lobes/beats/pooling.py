@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lobes.features import lengths_to_padding_mask, num_frames, to_sample_lengths
+from lobes.masks import lengths_to_padding_mask, num_frames, to_sample_lengths
 
 __all__ = [
     "NUM_MEL_BINS",
