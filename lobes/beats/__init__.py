@@ -1,9 +1,10 @@
-"""BEATs (arXiv 2212.09058): encoder, Microsoft checkpoint I/O, AudioSet tagging, pooling over valid tokens.
+"""BEATs (arXiv 2212.09058): encoder, acoustic tokenizer, Microsoft checkpoint I/O, AudioSet tagging, pooling.
 
 ``lobes.beats.config`` holds ``BEATsConfig``; ``lobes.beats.checkpoint`` safe checkpoint loading and the
 check of a checkpoint's cfg against its weights; ``lobes.beats.model`` the encoder; ``lobes.beats.pooling``
 the token masks, pooling modules and the tagging utility; ``lobes.beats.loading`` the model and layer
-choice of the commands; ``lobes.beats.labels`` class names. Everything is importable from ``lobes.beats``.
+choice of the commands; ``lobes.beats.labels`` class names; ``lobes.beats.tokenizer`` the acoustic tokenizer
+(BEATs backbone + ``quantize_layer`` + the normalised EMA codebook of ``lobes.beats.quantizer``). Everything is importable from ``lobes.beats``.
 """
 
 from lobes.beats.checkpoint import (
@@ -26,19 +27,29 @@ from lobes.beats.pooling import (
     top_k_labels,
     valid_token_counts,
 )
+from lobes.beats.quantizer import NormEMAVectorQuantizer, QuantizerOutput, cosine_kmeans
+from lobes.beats.tokenizer import PAD_TOKEN_ID, BEATsTokenizer, TokenizerOutput, TokenizersConfig, Tokens
 
 __all__ = [
     "FBANK_MEAN",
     "FBANK_STD",
     "LOUD_INPUT_PEAK",
     "NUM_MEL_BINS",
+    "PAD_TOKEN_ID",
     "AttentivePooling",
     "BEATs",
     "BEATsCheckpointError",
     "BEATsConfig",
+    "BEATsTokenizer",
+    "NormEMAVectorQuantizer",
+    "QuantizerOutput",
+    "TokenizerOutput",
+    "Tokens",
+    "TokenizersConfig",
     "WeightedLayerSum",
     "check_config_against_weights",
     "config_from_weights",
+    "cosine_kmeans",
     "label_names",
     "layer_index",
     "load_beats",
