@@ -26,7 +26,7 @@ import logging
 import os
 import shutil
 
-from lobes.data.manifest import atomic_write_text
+from lobes.io import atomic_write_text
 
 __all__ = ["COMPLETE_MARKER", "mark_complete_on_save", "remove_incomplete_checkpoints"]
 

@@ -30,10 +30,16 @@ __all__ = ["should_spawn", "spawn_cpu_workers"]
 
 
 def should_spawn(num_processes: int, run_opts: dict) -> bool:
-    """True when this is a plain (not ``torchrun``) CPU launch asking for more than one process."""
+    """True when this is a plain (not ``torchrun``) CPU launch asking for more than one process.
+
+    A process is already launched (by ``torchrun`` or as one of our workers) when speechbrain sees a rank and
+    a local rank, the condition under which its ``ddp_init_group`` starts DDP.
+    """
+    from speechbrain.utils.distributed import get_local_rank, get_rank
+
     if int(num_processes) < 1:
         raise ValueError(f"cpu_processes must be >= 1; got {num_processes}")
-    already_launched = os.environ.get("RANK") is not None or os.environ.get("LOCAL_RANK") is not None
+    already_launched = get_rank() is not None and get_local_rank() is not None
     device = str(run_opts.get("device") or "cpu")
     return (int(num_processes) > 1 and not already_launched and device.startswith("cpu")
             and not run_opts.get("data_parallel_backend", False))

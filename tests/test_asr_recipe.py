@@ -58,9 +58,14 @@ def corpus(tmp_path_factory):
             for split, n, seed in (("train", 32, 1), ("valid", 4, 2), ("test", 4, 3))}
 
 
-def _args(corpus, out, epochs, *extra):
-    return ["recipes/ASR/hparams/hyperconformer.yaml", "--dataset=csv", f"--train_csv={corpus['train']}",
-            f"--valid_csv={corpus['valid']}", f"--test_csv={corpus['test']}", f"--output_folder={out}",
+def _prepare(corpus):
+    """The ``--prepare`` override that hands the tone corpus's CSVs to the recipe."""
+    return ("--prepare=!name:lobes.data.manifest.manifest_paths "
+            f"{{train: {corpus['train']}, valid: {corpus['valid']}, test: {corpus['test']}}}")
+
+
+def _args(corpus, out, epochs, *extra, yaml="recipes/ASR/hparams/hyperconformer.yaml"):
+    return [yaml, _prepare(corpus), f"--output_folder={out}",
             "--noise_csv=null", "--num_workers=0", f"--number_of_epochs={epochs}", "--batch_size=8",
             "--n_warmup_steps=4", "--lr=0.005", f"--preset={TINY}", "--lexicon_correction=True",
             *([] if any(a.startswith("--cpu_processes") for a in extra) else ["--cpu_processes=1"]),
@@ -181,6 +186,31 @@ def test_two_process_ddp_debug_run(corpus, tmp_path):
     assert (out / "test_wer.txt").exists()
     log = (out / "log.txt").read_text()
     assert log.count("Beginning experiment!") >= 1
+
+
+def test_default_debug_run_from_inside_the_recipe_folder(tmp_path):
+    """`cd recipes/ASR && python train.py hparams/hyperconformer.yaml --debug`: the default data, at debug size, in
+    folders of their own under <root> (moved to tmp_path); the saved hyperparams.yaml loads back."""
+    from hyperpyyaml import load_hyperpyyaml
+
+    recipe = ROOT / "recipes" / "ASR"
+    before = sorted(os.listdir(recipe))
+    args = ["hparams/hyperconformer.yaml", "--debug", f"--root={tmp_path}", f"--preset={TINY}", "--noprogressbar"]
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=recipe, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(os.listdir(recipe)) == before  # nothing written beside the recipe
+    assert sorted(os.listdir(tmp_path / "data")) == ["embedded_speech_debug"]  # the full corpus is not touched
+    corpus = tmp_path / "data" / "embedded_speech_debug"
+    sizes = {split: len(list((corpus / split).glob("*.wav"))) for split in ("train", "valid", "test", "noise")}
+    assert sizes == {"train": 24, "valid": 8, "test": 8, "noise": 4}
+    assert sum(f.stat().st_size for f in corpus.rglob("*") if f.is_file()) < 10e6
+    out = tmp_path / "results" / "debug" / "ASR" / "hyperconformer" / "1234"
+    assert _test_wer(out)[0] >= 0.0 and sorted(_history(out)) == ["1", "2"]
+    saved = load_hyperpyyaml((out / "hyperparams.yaml").read_text())
+    assert saved["prepare"].keywords["data_folder"] == str(corpus)
+    assert [type(a).__name__ for a in saved["fea_augment"].augmentations.values()] == ["SpectrogramDrop"] * 2
+    assert any(type(m).__name__ == "HyperMixing" for m in saved["model"].modules())
 
 
 @pytest.mark.slow

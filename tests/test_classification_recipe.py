@@ -78,9 +78,9 @@ def _checkpoint(path, label_dict):
 
 def _csv_args(csv_corpus, out):
     root, paths = csv_corpus
-    return ["--dataset", "csv", "--data_folder", str(root), "--train_csv", str(paths["train"]),
-            "--valid_csv", str(paths["valid"]), "--test_csv", str(paths["test"]),
-            "--output_folder", str(out), "--noprogressbar"]
+    prepare = (f"!name:lobes.data.manifest.manifest_paths {{train: {paths['train']}, valid: {paths['valid']}, "
+               f"test: {paths['test']}, required: [ID, wav, label]}}")
+    return ["--data_folder", str(root), "--prepare", prepare, "--output_folder", str(out), "--noprogressbar"]
 
 
 def _tiny_model_args():
@@ -121,10 +121,9 @@ def test_param_groups_layer_wise_decay():
 
 
 def _load_hparams(yaml_name, overrides):
-    from hyperpyyaml import load_hyperpyyaml
+    from lobes.recipe import load_hparams
 
-    with open(RECIPE / "hparams" / yaml_name, encoding="utf-8") as f:
-        return load_hyperpyyaml(f, overrides)
+    return load_hparams(RECIPE / "hparams" / yaml_name, overrides)
 
 
 @pytest.mark.parametrize("label_dict", [False, True], ids=["pretrained", "as2m"])
@@ -166,17 +165,24 @@ def test_frozen_and_finetune_debug_runs(csv_corpus, tmp_path, yaml_name, label_d
         assert list((out / "save").glob("CKPT+*/pooling.ckpt"))
 
 
-def test_bad_emb_dim_and_dataset_fail_fast(tmp_path):
+def test_bad_emb_dim_settings_and_data_fail_fast(tmp_path):
+    from lobes.data.manifest import ManifestError
+
     recipe = _recipe()
     ckpt = _checkpoint(tmp_path / "beats.pt", False)
+    out = {"output_folder": str(tmp_path / "out")}
     with pytest.raises(ValueError, match="encoder_embed_dim is 32"):
-        recipe.check_hparams(_load_hparams("beats_frozen.yaml", {"ckpt_path": str(ckpt), "emb_dim": 48}))
-    base = {"ckpt_path": str(ckpt), "emb_dim": 32}
-    with pytest.raises(ValueError, match="expected one of 'events', 'esc50', 'csv'"):
-        recipe.check_hparams(_load_hparams("beats_frozen.yaml", {**base, "dataset": "librivox"}))
-    with pytest.raises(FileNotFoundError, match="train_csv"):
-        recipe.check_hparams(_load_hparams("beats_frozen.yaml", {**base, "dataset": "csv",
-                                                                 "train_csv": str(tmp_path / "no.csv")}))
+        recipe.check_hparams(_load_hparams("beats_frozen.yaml", {"ckpt_path": str(ckpt), "emb_dim": 48, **out}))
+    base = {"ckpt_path": str(ckpt), "emb_dim": 32, **out}
+    with pytest.raises(KeyError, match="'dataset' is not a setting"):  # the old switch is gone, loudly
+        _load_hparams("beats_frozen.yaml", {**base, "dataset": "esc50"})
+    with pytest.raises(ValueError, match="'ckpt_path' is a !PLACEHOLDER"):
+        _load_hparams("beats_frozen.yaml", {"emb_dim": 32, **out})
+    hparams = _load_hparams("beats_frozen.yaml", f"ckpt_path: {ckpt}\noutput_folder: {tmp_path / 'out'}\n"
+                            "prepare: !name:lobes.data.manifest.manifest_paths "
+                            f"{{train: {tmp_path / 'no.csv'}, valid: v.csv, test: t.csv}}")
+    with pytest.raises(ManifestError, match="train manifest not found"):
+        hparams["prepare"]()
 
 
 def _fake_esc50(root: Path, per_fold: int = 2, classes=("dog", "rain", "siren")):
@@ -199,14 +205,39 @@ def test_esc50_layout_and_fold_selection(tmp_path):
     data = tmp_path / "ESC-50-master"
     _fake_esc50(data)
     out = tmp_path / "run"
-    _recipe().main([str(RECIPE / "hparams" / "beats_tiny.yaml"), "--dataset", "esc50", "--data_folder",
-                    str(tmp_path), "--test_fold", "2", "--output_folder", str(out), *_tiny_model_args(),
+    prepare = ("!name:lobes.data.esc50.prepare_esc50 {data_folder: !ref <data_folder>, "
+               "save_folder: !ref <save_folder>, test_fold: 2, valid_fold: null, sample_rate: !ref <sample_rate>}")
+    _recipe().main([str(RECIPE / "hparams" / "beats_tiny.yaml"), "--prepare", prepare, "--data_folder",
+                    str(tmp_path), "--output_folder", str(out), *_tiny_model_args(),
                     "--debug", "--debug_batches", "2", "--noprogressbar"])
     results = json.loads((out / "test_results.json").read_text())
     assert results["num_test"] == 3 * 2  # fold 2 only
     assert sorted(results["classes"]) == ["dog", "rain", "siren"]
     test_ids = [line.split(",")[0] for line in (out / "save" / "test.csv").read_text().splitlines()[1:]]
     assert test_ids and all(i.startswith("2-") for i in test_ids)
+
+
+def test_default_debug_run_from_inside_the_recipe_folder(tmp_path):
+    """`cd recipes/AudioClassification && python train.py hparams/beats_tiny.yaml --debug`: a few clips per class of
+    the default corpus in a folder of its own under <root> (moved to tmp_path); the saved copy loads back."""
+    from hyperpyyaml import load_hyperpyyaml
+
+    before = sorted(os.listdir(RECIPE))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "train.py", "hparams/beats_tiny.yaml", "--debug", "--root", str(tmp_path),
+           *_tiny_model_args(), "--noprogressbar"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=RECIPE, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(os.listdir(RECIPE)) == before  # nothing written beside the recipe
+    assert sorted(os.listdir(tmp_path / "data")) == ["event_corpus_debug"]  # the full corpus is not touched
+    corpus = tmp_path / "data" / "event_corpus_debug"
+    assert [len(list((corpus / s).glob("*.wav"))) for s in ("train", "valid", "test")] == [48, 24, 24]
+    out = tmp_path / "results" / "debug" / "audio_classification" / "beats_tiny" / "1234"
+    assert json.loads((out / "test_results.json").read_text())["num_test"] == 24
+    assert sorted(json.loads((out / "history.json").read_text())) == ["1", "2"]
+    saved = load_hyperpyyaml((out / "hyperparams.yaml").read_text())
+    assert type(saved["encoder"]).__name__ == "BEATs" and saved["emb_dim"] == 32
+    assert saved["prepare"].keywords["data_folder"] == str(corpus)
 
 
 @pytest.mark.slow

@@ -26,7 +26,8 @@ def _make_tree(parent, clips_per_class_and_fold=2):
             for take in range(clips_per_class_and_fold):
                 name = f"{fold}-{1000 + 10 * target + take}-{'AB'[take]}-{target}.wav"
                 t = np.arange(int(0.3 * 44100)) / 44100
-                wav = 0.5 * np.sin(2 * np.pi * (300 + 200 * target + 10 * fold) * t) + 0.05 * rng.standard_normal(t.size)
+                tone = 0.5 * np.sin(2 * np.pi * (300 + 200 * target + 10 * fold) * t)
+                wav = tone + 0.05 * rng.standard_normal(t.size)
                 sf.write(os.path.join(root, "audio", name), wav, 44100, subtype="PCM_16")
                 rows.append([name, fold, target, category, target == 0, 1000 + target, "AB"[take]])
     with open(os.path.join(root, "meta", "esc50.csv"), "w", newline="") as handle:

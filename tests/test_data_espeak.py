@@ -136,8 +136,8 @@ def test_write_wav_atomic_leaves_nothing_on_failure(tmp_path, monkeypatch):
     assert rate == 16000 and np.allclose(data, 0.5, atol=1e-4)
 
     def broken_write(file, *args, **kwargs):
-        with open(file, "wb") as handle:
-            handle.write(b"RIFF")  # a partial file...
+        assert kwargs.get("format") == "WAV"  # written into a file object: the format must be explicit
+        file.write(b"RIFF")  # a partial file...
         raise OSError("disk full")
 
     monkeypatch.setattr(sf, "write", broken_write)

@@ -72,7 +72,8 @@ def test_second_call_does_not_rewrite(tree):
     root = str(parent / "LibriSpeech")
     paths = prepare_librispeech(root, str(parent / "csv"), ("train-clean-100",), ("dev-clean",), ("test-clean",))
     mtimes = {p: os.stat(p).st_mtime_ns for p in paths.values()}
-    assert prepare_librispeech(root, str(parent / "csv"), ("train-clean-100",), ("dev-clean",), ("test-clean",)) == paths
+    splits = (("train-clean-100",), ("dev-clean",), ("test-clean",))
+    assert prepare_librispeech(root, str(parent / "csv"), *splits) == paths
     assert {p: os.stat(p).st_mtime_ns for p in paths.values()} == mtimes
     # other splits for a role: rewritten
     prepare_librispeech(root, str(parent / "csv"), ("train-clean-360",), ("dev-clean",), ("test-clean",))

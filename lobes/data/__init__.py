@@ -4,7 +4,11 @@
 - :mod:`lobes.data.speech`: synthetic English ASR corpus (``prepare_speech_corpus``) and noise corpus.
 - :mod:`lobes.data.events`: synthetic audio-event / keyword classification corpus.
 - :mod:`lobes.data.librispeech`, :mod:`lobes.data.esc50`: manifests for the real datasets.
-- :mod:`lobes.data.manifest`: reading, checking and writing CSV manifests.
+- :mod:`lobes.data.manifest`: reading, checking and writing CSV manifests; ``manifest_paths`` hands CSVs
+  prepared elsewhere to a recipe.
+
+A recipe names its preparation in its YAML (``prepare: !name:lobes.data.speech.prepare_speech_corpus`` with
+the arguments); each function returns ``{"train", "valid", "test"}`` CSV paths and is idempotent.
 
 The public functions are also reachable from here, imported on first use.
 """
@@ -19,6 +23,7 @@ __all__ = [
     "list_base_voices",
     "list_voice_variants",
     "load_manifest",
+    "manifest_paths",
     "prepare_esc50",
     "prepare_event_corpus",
     "prepare_librispeech",
@@ -34,6 +39,7 @@ _HOME = {
     "list_base_voices": "espeak",
     "list_voice_variants": "espeak",
     "load_manifest": "manifest",
+    "manifest_paths": "manifest",
     "prepare_esc50": "esc50",
     "prepare_event_corpus": "events",
     "prepare_librispeech": "librispeech",

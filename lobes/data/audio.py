@@ -13,10 +13,11 @@ Example
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 import numpy as np
+
+from lobes.io import atomic_open
 
 __all__ = [
     "NOISE_COLORS",
@@ -228,7 +229,7 @@ def resample(wav: np.ndarray, orig: int, new: int) -> np.ndarray:
 
 
 def write_wav_atomic(path: str, wav: np.ndarray, sample_rate: int = 16000) -> None:
-    """Write a mono 16-bit PCM wav through a temporary file and ``os.replace``.
+    """Write a mono 16-bit PCM wav atomically (:func:`lobes.io.atomic_open`: a reader never sees half a file).
 
     Example
     -------
@@ -242,14 +243,8 @@ def write_wav_atomic(path: str, wav: np.ndarray, sample_rate: int = 16000) -> No
 
     if wav.ndim != 1:
         raise ValueError(f"expected a mono waveform of shape (num_samples,), got shape {wav.shape} for {path}")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        sf.write(tmp, np.clip(wav, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path, "wb") as handle:
+        sf.write(handle, np.clip(wav, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
 
 
 def read_wav_info(path: str) -> tuple[int, int]:

@@ -4,7 +4,7 @@ A split is planned first (a list of items, each a dict of plain values), then re
 chunks of consecutive items: the audio of an item is a function of its chunk (a chunk shares one
 load of the synthesizer), and chunk boundaries depend only on the item index, never on what is
 missing or on the number of workers. Every chunk with a missing wav is rendered again as a whole,
-possibly in worker processes, and its wavs are written atomically (tmp + ``os.replace``); then the
+possibly in worker processes, and its wavs are written atomically (:mod:`lobes.io`); then the
 manifest is written and, last, a completion marker holding a hash of the plan. A later call with the
 same plan finds the marker and does nothing; a call after an interruption renders only the chunks
 with missing files and ends with the same bytes as an uninterrupted run; a call with a different
@@ -36,9 +36,18 @@ from multiprocessing import get_all_start_methods, get_context
 import numpy as np
 
 from lobes.data.audio import read_wav_info, write_wav_atomic
-from lobes.data.manifest import atomic_write_text, write_manifest
+from lobes.data.manifest import write_manifest
+from lobes.io import atomic_write_text, remove_stale_temporaries
 
-__all__ = ["SAMPLE_RATE", "build_split", "default_num_workers", "is_complete", "marker_path", "plan_hash", "write_if_changed"]
+__all__ = [
+    "SAMPLE_RATE",
+    "build_split",
+    "default_num_workers",
+    "is_complete",
+    "marker_path",
+    "plan_hash",
+    "write_if_changed",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +122,7 @@ def _reset_folder(folder: str, digest: str) -> None:
         for path in stale:
             os.remove(path)
         atomic_write_text(plan_path, digest + "\n")
-    for tmp in glob.glob(os.path.join(folder, "*.tmp")):
-        os.remove(tmp)
+    remove_stale_temporaries(folder)  # left by writers killed in the middle of a file
 
 
 def write_if_changed(path: str, text: str) -> None:

@@ -32,7 +32,7 @@ import os
 
 import numpy as np
 
-from lobes.data.audio import resample
+from lobes.data.audio import read_wav_info, resample
 from lobes.data.corpus import build_split
 from lobes.data.manifest import write_manifest
 
@@ -87,13 +87,14 @@ def read_esc50_meta(data_folder: str) -> tuple[str, list[dict]]:
 
 
 def render_resampled(items: list[dict]) -> list[np.ndarray]:
-    """Read each ``item["src"]``, mix to mono and resample to ``item["rate"]`` Hz."""
-    import soundfile as sf
+    """Read each ``item["src"]`` (:func:`lobes.io.load_audio`, mixed to mono at its own rate) and resample it to
+    ``item["rate"]`` Hz with :func:`lobes.data.audio.resample` (scipy's polyphase filter)."""
+    from lobes.io import load_audio
 
     out = []
     for item in items:
-        wav, rate = sf.read(item["src"], dtype="float32", always_2d=True)
-        out.append(resample(wav.mean(axis=1), rate, item["rate"]))
+        rate = read_wav_info(item["src"])[1]
+        out.append(resample(load_audio(item["src"], rate).numpy(), rate, item["rate"]))
     return out
 
 
@@ -137,7 +138,9 @@ def prepare_esc50(
     if test_fold not in folds:
         raise ValueError(f"test_fold must be one of the folds {folds}, got {test_fold}")
     if valid_fold is not None and (valid_fold not in folds or valid_fold == test_fold):
-        raise ValueError(f"valid_fold must be None or a fold of {folds} other than test_fold={test_fold}, got {valid_fold}")
+        raise ValueError(
+            f"valid_fold must be None or a fold of {folds} other than test_fold={test_fold}, got {valid_fold}"
+        )
     if valid_fold is None and not 0 < valid_fraction < 1:
         raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
     save_folder = os.path.abspath(save_folder)
@@ -185,5 +188,7 @@ def prepare_esc50(
     for name, subset in (("train", train), ("valid", valid), ("test", test)):
         paths[name] = os.path.join(save_folder, f"{name}.csv")
         write_manifest(paths[name], subset, ESC50_COLUMNS)
-    logger.info("ESC-50: %d train, %d valid, %d test clips (test fold %d)", len(train), len(valid), len(test), test_fold)
+    logger.info(
+        "ESC-50: %d train, %d valid, %d test clips (test fold %d)", len(train), len(valid), len(test), test_fold
+    )
     return paths

@@ -34,7 +34,15 @@ from lobes.data.corpus import SAMPLE_RATE, build_split, write_if_changed
 from lobes.data.espeak import list_base_voices, list_voice_variants, synthesize_batch
 from lobes.data.speech import split_variants
 
-__all__ = ["EVENT_CLASSES", "EVENT_COLUMNS", "KEYWORDS", "SOUND_EVENTS", "prepare_event_corpus", "render_event", "render_events"]
+__all__ = [
+    "EVENT_CLASSES",
+    "EVENT_COLUMNS",
+    "KEYWORDS",
+    "SOUND_EVENTS",
+    "prepare_event_corpus",
+    "render_event",
+    "render_events",
+]
 
 KEYWORDS = ["yes", "no", "stop", "go", "left", "right"]
 """Spoken keyword classes."""
@@ -223,7 +231,9 @@ def _options(options: dict) -> dict:
     return merged
 
 
-def _plan_split(split: str, per_class: int, folder: str, seed: int, bases: list[str], variants: list[str], opts: dict) -> list[dict]:
+def _plan_split(
+    split: str, per_class: int, folder: str, seed: int, bases: list[str], variants: list[str], opts: dict
+) -> list[dict]:
     rng = np.random.default_rng([seed, _SPLITS.index(split), 2])
     items = []
     for index in range(per_class):

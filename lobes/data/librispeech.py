@@ -31,7 +31,8 @@ import os
 from collections.abc import Sequence
 
 from lobes.data.corpus import is_complete, marker_path, plan_hash
-from lobes.data.manifest import atomic_write_text, write_manifest
+from lobes.data.manifest import write_manifest
+from lobes.io import atomic_write_text
 
 __all__ = ["LIBRISPEECH_COLUMNS", "prepare_librispeech", "read_split"]
 
@@ -145,7 +146,7 @@ def prepare_librispeech(
     if not os.path.isdir(data_folder):
         raise FileNotFoundError(f"LibriSpeech data folder not found: {data_folder}")
     os.makedirs(save_folder, exist_ok=True)
-    for role, splits in roles.items():
+    for splits in roles.values():
         for split in splits:
             _split_folder(data_folder, split)  # fail early, before any work
     for role, splits in roles.items():

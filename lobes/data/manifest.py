@@ -2,6 +2,8 @@
 
 A manifest is a CSV file with a header row and one row per item; SpeechBrain's
 ``DynamicItemDataset.from_csv`` reads it (``ID`` is the key, ``duration`` in seconds, ``wav`` a path).
+Files are written atomically through :mod:`lobes.io`; :func:`manifest_paths` hands manifests prepared
+elsewhere to a recipe (``prepare: !name:lobes.data.manifest.manifest_paths`` in its YAML).
 
 Example
 -------
@@ -17,29 +19,15 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 
-__all__ = ["ManifestError", "atomic_write_text", "check_manifest", "load_manifest", "write_manifest"]
+from lobes.io import atomic_write_text
+
+__all__ = ["ManifestError", "atomic_write_text", "check_manifest", "load_manifest", "manifest_paths", "write_manifest"]
 
 
 class ManifestError(ValueError):
     """A manifest file is missing, malformed, or lacks required columns."""
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never a partial file)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _format(value: object) -> str:
@@ -49,7 +37,7 @@ def _format(value: object) -> str:
 
 
 def write_manifest(path: str, rows: Iterable[Mapping[str, object]], columns: Sequence[str]) -> None:
-    """Write ``rows`` as a CSV manifest with the given ``columns`` (atomic: tmp file + ``os.replace``).
+    """Write ``rows`` as a CSV manifest with the given ``columns`` (atomically, :func:`lobes.io.atomic_write_text`).
 
     Arguments
     ---------
@@ -179,3 +167,40 @@ def load_manifest(path: str, required: Sequence[str] = ("ID", "wav")) -> list[di
                 seen[row["ID"]] = line_number
             rows.append(row)
     return rows
+
+
+def manifest_paths(train: str, valid: str, test: str, required: Sequence[str] = ("ID", "wav")) -> dict[str, str]:
+    """The train / valid / test manifests of a corpus prepared elsewhere, after checking their columns.
+
+    A recipe's ``prepare`` for data that needs no preparation: the YAML names the files, the recipe gets
+    their paths (absolute) once each is known to be a CSV with the ``required`` columns.
+
+    Arguments
+    ---------
+    train, valid, test : str
+        The CSV files.
+    required : sequence of str
+        Columns every file must have (e.g. ``["ID", "duration", "wav", "wrd"]`` for ASR).
+
+    Returns
+    -------
+    dict
+        ``{"train": path, "valid": path, "test": path}``.
+
+    Example
+    -------
+    >>> import os, tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> for split in ("train", "valid", "test"):
+    ...     write_manifest(os.path.join(folder, split + ".csv"), [{"ID": "u1", "wav": "/a.wav"}], ["ID", "wav"])
+    >>> paths = manifest_paths(*(os.path.join(folder, s + ".csv") for s in ("train", "valid", "test")))
+    >>> sorted(paths), os.path.basename(paths["valid"])
+    (['test', 'train', 'valid'], 'valid.csv')
+    """
+    paths = {"train": train, "valid": valid, "test": test}
+    for split, path in paths.items():
+        if not path or not os.path.isfile(path):
+            raise ManifestError(f"{split} manifest not found: {path!r} (expected a CSV file with columns "
+                                f"{list(required)})")
+        check_manifest(path, required)
+    return {split: os.path.abspath(path) for split, path in paths.items()}

@@ -153,7 +153,9 @@ def _base_voices(opts: dict) -> list[str]:
     return chosen
 
 
-def _plan_split(split: str, num: int, folder: str, seed: int, bases: list[str], variants: list, opts: dict) -> list[dict]:
+def _plan_split(
+    split: str, num: int, folder: str, seed: int, bases: list[str], variants: list, opts: dict
+) -> list[dict]:
     """Every random choice of a split, drawn up front so that rendering is a pure function of the item."""
     rng = np.random.default_rng([seed, _SPLITS.index(split), 1])
     items = []

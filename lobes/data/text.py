@@ -154,7 +154,8 @@ def _template(rng: np.random.Generator) -> str:
     if t == 3:  # please bring the green bottle to the kitchen
         return f"please {_pick(rng, _TRANSITIVE)[0]} {_object_phrase(rng)} to the {_pick(rng, _PLACES)}"
     if t == 4:  # where did you find the key
-        return f"{_pick(rng, _QUESTION_WORDS)} did {_noun_phrase(rng)} {_pick(rng, _TRANSITIVE)[0]} {_object_phrase(rng)}"
+        question, subject = _pick(rng, _QUESTION_WORDS), _noun_phrase(rng)
+        return f"{question} did {subject} {_pick(rng, _TRANSITIVE)[0]} {_object_phrase(rng)}"
     if t == 5:  # we will visit the museum tomorrow
         subject = _pick(rng, ("we", "they", "you", "i", "she", "he"))
         return f"{subject} will {_pick(rng, _TRANSITIVE)[0]} {_object_phrase(rng)} {_pick(rng, _TIMES)}"

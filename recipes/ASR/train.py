@@ -3,37 +3,54 @@
 
     python recipes/ASR/train.py recipes/ASR/hparams/hyperconformer.yaml
     python recipes/ASR/train.py recipes/ASR/hparams/conformer.yaml --number_of_epochs=2
+    python recipes/ASR/train.py recipes/ASR/hparams/hyperconformer.yaml --debug
+    cd recipes/ASR && python train.py hparams/primer.yaml
     torchrun --nproc_per_node=2 recipes/ASR/train.py recipes/ASR/hparams/hyperconformer.yaml
 
-On CPU, ``cpu_processes: N`` (YAML or ``--cpu_processes=N``) makes the plain ``python`` command start N
-data-parallel workers itself (DDP over gloo, the cores shared out among them), as ``torchrun`` would.
+Each model file (``hparams/<model>.yaml``) extends ``hparams/_base.yaml``, which holds every other setting;
+the YAML is read by ``lobes.recipe.load_hparams``. Relative paths in the YAML are written from ``<root>``, the
+repository root (the folder holding ``recipes/``), so the command runs the same from any working directory;
+a relative path given on the command line is taken from the current directory.
 
-``dataset: embedded`` (default) synthesizes an offline corpus with espeak-ng (test voices unseen in
-training), ``librispeech`` reads a LibriSpeech layout, ``csv`` reads any CSVs with ``ID, duration, wav,
-wrd``. The test WER goes to ``<output_folder>/wer.txt`` (per-utterance details) and
-``<output_folder>/test_wer.txt`` (the number); training curves to ``<output_folder>/curves.png``.
+The data come from the YAML's ``prepare`` (default: the embedded corpus, synthesized offline with espeak-ng,
+test voices unseen in training; LibriSpeech and CSV alternatives are in ``_base.yaml``). ``--debug`` runs a few
+steps on a corpus of a few dozen utterances synthesized in a folder of its own (``<data_folder>_debug``) and
+writes under ``results/debug/``. On CPU, ``cpu_processes: N`` (YAML or ``--cpu_processes=N``) makes the plain
+``python`` command start N data-parallel workers itself (DDP over gloo, the cores shared out among them), as
+``torchrun`` would.
+
+The test WER goes to ``<output_folder>/wer.txt`` (per-utterance details) and ``<output_folder>/test_wer.txt``
+(the number); training curves to ``<output_folder>/curves.png`` and ``history.json``; the resolved settings to
+``<output_folder>/hyperparams.yaml``.
 """
 
-import json
+import functools
 import logging
-import math
 import os
 import sys
+from pathlib import Path
 
 import speechbrain as sb
-import torch
-from hyperpyyaml import load_hyperpyyaml
-from speechbrain.tokenizers.SentencePiece import SentencePiece
 import speechbrain.utils.distributed
-from speechbrain.utils.distributed import if_main_process, run_on_main
+import torch
+from speechbrain.tokenizers.SentencePiece import SentencePiece
 
-from lobes.checkpoints import mark_complete_on_save, remove_incomplete_checkpoints
-from lobes.launch import should_spawn, spawn_cpu_workers
-from lobes.data.manifest import atomic_write_text
+from lobes.io import atomic_open, atomic_write_text, load_audio
+from lobes.recipe import (
+    TrainingHistory,
+    guard_checkpoints,
+    load_hparams,
+    prepare_on_main,
+    save_hyperparams,
+    set_schedule_length,
+    spawn_workers_if_asked,
+    world_size,
+)
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("embedded", "librispeech", "csv")
+REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
+"""``<root>`` of the YAML files: the folder holding ``recipes/``."""
 
 
 class ASR(sb.Brain):
@@ -111,12 +128,12 @@ class ASR(sb.Brain):
                                                 valid_stats=stats)
             self.checkpointer.save_and_keep_only(meta={"WER": stats["WER"], "epoch": epoch}, min_keys=["WER"],
                                                  num_to_keep=self.hparams.keep_checkpoints)
-            if if_main_process():
-                update_curves(self.hparams.output_folder, epoch, self.train_stats["loss"], stage_loss, stats["WER"])
+            self.history.record(epoch, train_loss=self.train_stats["loss"], valid_loss=stage_loss,
+                                valid_wer=stats["WER"])
         else:
             self.hparams.train_logger.log_stats({"Epoch loaded": self.hparams.epoch_counter.current},
                                                 test_stats=stats)
-            if if_main_process():
+            if sb.utils.distributed.if_main_process():
                 write_test_wers(self.hparams.wer_file, self.hparams.output_folder, self.wer_metric, extras)
 
 
@@ -126,73 +143,29 @@ TEST_WER_NAMES = {"greedy": "greedy", "lexicon": "lexicon-corrected"}
 def write_test_wers(wer_file, output_folder, metric, extras):
     """Per-utterance details to ``wer_file`` (and ``<stem>_<name><ext>`` for the extra decodings); the test
     WER to ``test_wer.txt``: first line the YAML's decoding, then ``greedy: X`` / ``lexicon-corrected: X``."""
-    with open(wer_file, "w") as f:
+    with atomic_open(wer_file, "w") as f:
         metric.write_stats(f)
     summary = f"{metric.summarize('error_rate'):.2f}\n"
     stem, ext = os.path.splitext(wer_file)
     for name, extra in extras.items():
-        with open(f"{stem}_{name}{ext}", "w") as f:
+        with atomic_open(f"{stem}_{name}{ext}", "w") as f:
             extra.write_stats(f)
         summary += f"{TEST_WER_NAMES[name]}: {extra.summarize('error_rate'):.2f}\n"
     atomic_write_text(os.path.join(output_folder, "test_wer.txt"), summary)
 
 
-def update_curves(output_folder, epoch, train_loss, valid_loss, valid_wer):
-    """Record one epoch in ``history.json`` and redraw ``curves.png`` (loss and valid WER per epoch)."""
-    import matplotlib
-
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = os.path.join(output_folder, "history.json")
-    history = json.load(open(path)) if os.path.exists(path) else {}
-    history[str(epoch)] = {"train_loss": float(train_loss), "valid_loss": float(valid_loss), "valid_wer": valid_wer}
-    atomic_write_text(path, json.dumps(history, indent=1))
-    epochs = sorted(int(e) for e in history)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(epochs, [history[str(e)]["train_loss"] for e in epochs], marker="o", label="train")
-    ax1.plot(epochs, [history[str(e)]["valid_loss"] for e in epochs], marker="o", label="valid")
-    ax1.set_xlabel("epoch"), ax1.set_ylabel("loss"), ax1.legend(), ax1.grid(alpha=0.3)
-    ax2.plot(epochs, [history[str(e)]["valid_wer"] for e in epochs], marker="o", color="C2")
-    ax2.set_xlabel("epoch"), ax2.set_ylabel("valid WER (%)"), ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = os.path.join(output_folder, ".curves.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, os.path.join(output_folder, "curves.png"))
-
-
-def prepare_manifests(hparams):
-    """Return ``{"train", "valid", "test"}`` CSV paths for ``hparams["dataset"]`` (idempotent)."""
-    dataset = hparams["dataset"]
-    if dataset == "embedded":
-        from lobes.data.speech import prepare_speech_corpus
-
-        return prepare_speech_corpus(hparams["data_folder"], num_train=hparams["num_train"],
-                                     num_valid=hparams["num_valid"], num_test=hparams["num_test"],
-                                     seed=hparams["corpus_seed"])
-    if dataset == "librispeech":
-        from lobes.data.librispeech import prepare_librispeech
-
-        return prepare_librispeech(hparams["data_folder"], hparams["output_folder"], hparams["train_splits"],
-                                   hparams["dev_splits"], hparams["test_splits"], skip_prep=hparams["skip_prep"])
-    if dataset == "csv":
-        paths = {"train": hparams["train_csv"], "valid": hparams["valid_csv"], "test": hparams["test_csv"]}
-        for split, path in paths.items():
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{split}_csv not found: {path} (a CSV with columns ID, duration, wav, wrd)")
-        return paths
-    raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; got {dataset!r}")
-
-
 def prepare_noise(hparams):
-    """Synthesize the noise clips used by AddNoise (only when the YAML asks for them)."""
-    if hparams.get("noise_csv"):
-        from lobes.data.noise import prepare_noise_corpus
+    """Synthesize the noise clips used by AddNoise, next to ``noise_csv`` (only when the YAML asks for them)."""
+    if not hparams.get("noise_csv"):
+        return
+    from lobes.data.noise import prepare_noise_corpus
 
-        prepare_noise_corpus(os.path.dirname(hparams["noise_csv"]), num=hparams["num_noise"],
-                             seed=hparams["corpus_seed"])
+    folder, name = os.path.split(hparams["noise_csv"])
+    if name != "noise.csv":
+        raise ValueError(f"noise_csv must end in noise.csv (the clips are synthesized beside it); "
+                         f"got {hparams['noise_csv']}")
+    prepare_on_main(functools.partial(prepare_noise_corpus, folder, num=hparams["num_noise"],
+                                      seed=hparams["corpus_seed"]))
 
 
 def dataio_prepare(hparams, manifests, tokenizer):
@@ -212,10 +185,7 @@ def dataio_prepare(hparams, manifests, tokenizer):
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
     def audio_pipeline(wav):
-        sig, sr = sb.dataio.audio_io.load(wav)
-        if sr != hparams["sample_rate"]:
-            raise ValueError(f"expected {hparams['sample_rate']} Hz audio, got {sr} Hz ({wav})")
-        return sig if sig.dim() == 1 else sig.mean(0)
+        return load_audio(wav, hparams["sample_rate"])  # mono, resampled when the file has another rate
 
     @sb.utils.data_pipeline.takes("wrd")
     @sb.utils.data_pipeline.provides("wrd", "tokens_bos", "tokens_eos", "tokens")
@@ -245,33 +215,42 @@ def length_bucketed_loader(hparams, train_set, loader_kwargs):
     return {**kept, "batch_sampler": sampler}
 
 
-def set_schedule_length(hparams, asr, train_set, loader_kwargs):
-    """Give a schedule that needs the run's length (``total_steps: null``) its number of optimizer steps."""
-    scheduler = hparams["lr_annealing"]
-    if not hasattr(scheduler, "set_total_steps") or getattr(scheduler, "total_steps", None) is not None:
-        return
-    sampler = loader_kwargs.get("batch_sampler")
-    batches = len(sampler) if sampler is not None else math.ceil(len(train_set) / loader_kwargs["batch_size"])
-    if asr.distributed_launch:  # each process sees its share of the batches
-        batches = math.ceil(batches / torch.distributed.get_world_size())
-    steps = math.ceil(batches / asr.grad_accumulation_factor) * hparams["number_of_epochs"]
-    scheduler.set_total_steps(steps)
-    logger.info("learning-rate schedule: %d optimizer steps", steps)
+def build_test_decoding(hparams, asr, tokenizer, train_csv):
+    """The YAML's test-time decoders, given the tokenizer and the training transcripts: ``test_decoder``
+    (lexicon + word LM), the optional ``lexicon_correction`` and, with ``test_decoder: null`` and
+    ``test_beam_size`` > 1, speechbrain's CTC beam search."""
+    asr.lexicon, asr.test_decoder, asr.ctc_beam = None, hparams["test_decoder"], None
+    if hparams["lexicon_correction"] or asr.test_decoder is not None:
+        from lobes.data.manifest import load_manifest
+
+        transcripts = [row["wrd"] for row in load_manifest(train_csv, ("wrd",))]
+        if hparams["lexicon_correction"]:
+            from lobes.asr import LexiconCorrector
+
+            asr.lexicon = LexiconCorrector.from_transcripts(transcripts)
+        if asr.test_decoder is not None:  # lexicon and word LM from the training transcripts
+            asr.test_decoder.fit(tokenizer.sp, transcripts)
+    if hparams["test_beam_size"] > 1:
+        from speechbrain.decoders.ctc import CTCBeamSearcher
+
+        # word boundaries of SentencePiece pieces become spaces, so the searcher's text splits into words
+        vocab = [tokenizer.sp.id_to_piece(i).replace("\u2581", " ") for i in range(tokenizer.sp.get_piece_size())]
+        asr.ctc_beam = CTCBeamSearcher(blank_index=hparams["blank_index"], vocab_list=vocab,
+                                       beam_size=hparams["test_beam_size"])
 
 
 def main(argv):
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     sb.utils.distributed.ddp_init_group(run_opts)  # no-op unless launched with torchrun
-    with open(hparams_file) as f:
-        hparams = load_hyperpyyaml(f, overrides)
-    if should_spawn(hparams.get("cpu_processes", 1), run_opts):  # plain `python train.py` on CPU: DDP workers
-        sys.exit(spawn_cpu_workers(os.path.abspath(__file__), argv, hparams["cpu_processes"]))
-    sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=hparams_file,
-                                   overrides=overrides)
+    hparams = load_hparams(hparams_file, overrides, debug=run_opts.get("debug", False), root=REPOSITORY_ROOT)
+    status = spawn_workers_if_asked(__file__, argv, hparams, run_opts)  # plain `python train.py` on CPU
+    if status is not None:
+        sys.exit(status)
+    sb.create_experiment_directory(hparams["output_folder"])
+    save_hyperparams(hparams, hparams["output_folder"])
 
-    run_on_main(prepare_manifests, kwargs={"hparams": hparams})
-    run_on_main(prepare_noise, kwargs={"hparams": hparams})
-    manifests = prepare_manifests(hparams)  # already built: returns the paths
+    manifests = prepare_on_main(hparams["prepare"])  # {"train", "valid", "test"}: CSV paths
+    prepare_noise(hparams)
 
     tokenizer = SentencePiece(model_dir=hparams["save_folder"], vocab_size=hparams["output_neurons"],
                               annotation_train=manifests["train"], annotation_read="wrd",
@@ -284,38 +263,21 @@ def main(argv):
         raise ValueError("ctc_weight < 1 needs an attention decoder: pick a preset with one or set ctc_weight: 1.0")
     datasets = dataio_prepare(hparams, manifests, tokenizer)
 
-    run_on_main(remove_incomplete_checkpoints, args=[hparams["checkpointer"].checkpoints_dir])
-    mark_complete_on_save(hparams["checkpointer"])
+    guard_checkpoints(hparams["checkpointer"])
     asr = ASR(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams, run_opts=run_opts,
               checkpointer=hparams["checkpointer"])
     asr.tokenizer = tokenizer
+    asr.history = TrainingHistory(hparams["output_folder"], "valid_wer", "valid WER (%)")
     if asr.distributed_launch:
-        logger.info("data-parallel training over %d processes", torch.distributed.get_world_size())
-    asr.lexicon, asr.test_decoder = None, None
-    if hparams.get("lexicon_correction", False) or hparams.get("test_decoder") is not None:
-        from lobes.data.manifest import load_manifest
-
-        transcripts = [row["wrd"] for row in load_manifest(manifests["train"], ("wrd",))]
-        if hparams.get("lexicon_correction", False):
-            from lobes.asr import LexiconCorrector
-
-            asr.lexicon = LexiconCorrector.from_transcripts(transcripts)
-        if hparams.get("test_decoder") is not None:  # lexicon and word LM from the training transcripts
-            asr.test_decoder = hparams["test_decoder"](tokenizer.sp, transcripts)
-    asr.ctc_beam = None
-    if hparams["test_beam_size"] > 1:
-        from speechbrain.decoders.ctc import CTCBeamSearcher
-
-        # word boundaries of SentencePiece pieces become spaces, so the searcher's text splits into words
-        vocab = [tokenizer.sp.id_to_piece(i).replace("\u2581", " ") for i in range(tokenizer.sp.get_piece_size())]
-        asr.ctc_beam = CTCBeamSearcher(blank_index=hparams["blank_index"], vocab_list=vocab,
-                                       beam_size=hparams["test_beam_size"])
+        logger.info("data-parallel training over %d processes", world_size())
+    build_test_decoding(hparams, asr, tokenizer, manifests["train"])
     train_loader_kwargs = dict(hparams["train_dataloader_opts"])
     if hparams.get("dynamic_batching", False):
         train_loader_kwargs = length_bucketed_loader(hparams, datasets["train"], train_loader_kwargs)
         if not asr.distributed_launch:  # under DDP, speechbrain wraps it and calls set_epoch itself
             asr.train_sampler = train_loader_kwargs["batch_sampler"]  # reshuffled every epoch
-    set_schedule_length(hparams, asr, datasets["train"], train_loader_kwargs)
+    set_schedule_length(hparams["lr_annealing"], asr, datasets["train"], train_loader_kwargs,
+                        hparams["number_of_epochs"])
     n_params = sum(p.numel() for p in hparams["model"].parameters())
     logger.info("model: %.2f M parameters", n_params / 1e6)
 
@@ -323,6 +285,10 @@ def main(argv):
             train_loader_kwargs=train_loader_kwargs,
             valid_loader_kwargs=hparams["valid_dataloader_opts"])
     asr.evaluate(datasets["test"], min_key="WER", test_loader_kwargs=hparams["test_dataloader_opts"])
+
+    # --- Inference folder ---------------------------------------------------------------------------------
+    # <output_folder>/pretrained/ (hyperparams.yaml + loadables for speechbrain's EncoderASR) is written here,
+    # after the test stage, by package_pretrained(hparams, ...) from lobes.inference.
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Audio classification with a BEATs encoder, pooling over valid tokens and a linear head.
 
-One script for every YAML in ``hparams/``:
+One script for every model file in ``hparams/`` (each extends ``hparams/_base.yaml``, read by
+``lobes.recipe.load_hparams``):
 
 - ``beats_tiny.yaml``: a small BEATs-architecture encoder trained from scratch (runs offline on the
   sound-event corpus synthesized on the spot);
@@ -11,33 +12,54 @@ One script for every YAML in ``hparams/``:
 Run::
 
     python recipes/AudioClassification/train.py recipes/AudioClassification/hparams/beats_tiny.yaml
-    python recipes/AudioClassification/train.py hparams/beats_frozen.yaml --ckpt_path BEATs_iter3.pt \\
-        --dataset esc50 --data_folder /data/ESC-50-master --test_fold 1
-    torchrun --nproc_per_node=2 recipes/AudioClassification/train.py hparams/beats_tiny.yaml \\
-        --distributed_backend gloo
+    cd recipes/AudioClassification && python train.py hparams/beats_tiny.yaml --debug
+    python recipes/AudioClassification/train.py recipes/AudioClassification/hparams/beats_frozen.yaml \\
+        --ckpt_path BEATs_iter3.pt --data_folder /data/ESC-50-master --prepare "!name:lobes.data.esc50.prepare_esc50 \\
+        {data_folder: !ref <data_folder>, save_folder: !ref <save_folder>, test_fold: 1, valid_fold: null}"
+    torchrun --nproc_per_node=2 recipes/AudioClassification/train.py \\
+        recipes/AudioClassification/hparams/beats_tiny.yaml --distributed_backend gloo
+
+Relative paths in the YAML are written from ``<root>``, the repository root (the folder holding
+``recipes/``), so the command runs the same from any working directory; a relative path given on the
+command line is taken from the current directory. The data come from the YAML's ``prepare`` (ESC-50 and CSV
+alternatives are in ``_base.yaml``). ``--debug`` runs a few steps on a few clips per class synthesized in a
+folder of their own (``<data_folder>_debug``) and writes under ``results/debug/``.
 
 Outputs in ``output_folder``: ``test_results.json`` (accuracy, per-class accuracy, confusion matrix),
-``confusion.png``, ``curves.png`` (train / valid loss and valid accuracy per epoch), ``train_log.txt``
-and the checkpoints in ``save/`` (an interrupted run resumes from the last one).
+``confusion.png``, ``curves.png`` and ``history.json`` (train / valid loss and valid accuracy per epoch),
+``hyperparams.yaml`` (the resolved settings), ``train_log.txt`` and the checkpoints in ``save/`` (an
+interrupted run resumes from the last one).
 """
 
 import json
 import logging
-import math
 import os
 import sys
 from pathlib import Path
 
 import speechbrain as sb
+import speechbrain.utils.distributed
 import torch
-from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from lobes.beats import token_padding_mask
-from lobes.checkpoints import mark_complete_on_save, remove_incomplete_checkpoints
-from lobes.extract import load_audio
+from lobes.io import atomic_write_text, load_audio
+from lobes.recipe import (
+    TrainingHistory,
+    guard_checkpoints,
+    load_hparams,
+    prepare_on_main,
+    save_figure,
+    save_hyperparams,
+    set_schedule_length,
+    spawn_workers_if_asked,
+    world_size,
+)
 
 logger = logging.getLogger(__name__)
+
+REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
+"""``<root>`` of the YAML files: the folder holding ``recipes/``."""
 
 
 class AudioClassifier(sb.Brain):
@@ -76,12 +98,10 @@ class AudioClassifier(sb.Brain):
         self.confusion = [[0] * n for _ in range(n)]
 
     def on_fit_batch_start(self, batch, should_step):
-        """Keeps a frozen encoder in eval mode and sets this step's learning rates."""
+        """Keeps a frozen encoder in eval mode and sets this step's learning rates (each group's own)."""
         if self.hparams.freeze_encoder:
             self.modules.encoder.eval()
-        factor = lr_factor(self.optimizer_step, self.hparams.warmup_steps, self.total_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
+        self.hparams.lr_schedule(self.optimizer, self.optimizer_step)
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         """Logs the epoch, keeps the best checkpoint, writes the curves and the test results."""
@@ -96,14 +116,9 @@ class AudioClassifier(sb.Brain):
                 {"epoch": epoch, "lr": lr}, train_stats=self.train_stats,
                 valid_stats={"loss": stage_loss, "acc": stats["acc"]},
             )
-            self.history.append({"epoch": epoch, "train_loss": self.train_stats["loss"],
-                                 "valid_loss": stage_loss, "valid_acc": stats["acc"]})
-            self.checkpointer.save_and_keep_only(
-                meta={"acc": stats["acc"], "history": json.dumps(self.history)},
-                max_keys=["acc"], num_to_keep=1,
-            )
-            if if_main_process():
-                plot_curves(self.history, Path(self.hparams.output_folder) / "curves.png")
+            self.checkpointer.save_and_keep_only(meta={"acc": stats["acc"]}, max_keys=["acc"], num_to_keep=1)
+            self.history.record(epoch, train_loss=self.train_stats["loss"], valid_loss=stage_loss,
+                                valid_acc=100 * stats["acc"])
         else:
             self.hparams.train_logger.log_stats(  # on every process: it synchronises them
                 {"Epoch loaded": self.hparams.epoch_counter.current},
@@ -119,19 +134,6 @@ class AudioClassifier(sb.Brain):
         self.optimizer = self.opt_class(groups)
         self.optimizers_dict = {"opt_class": self.optimizer}
         self.checkpointer.add_recoverable("optimizer", self.optimizer)
-
-    def on_fit_start(self):
-        """Restores the training curves of a resumed run."""
-        super().on_fit_start()
-        ckpt = self.checkpointer.find_checkpoint()
-        self.history = json.loads(ckpt.meta["history"]) if ckpt and "history" in ckpt.meta else []
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up then cosine decay to zero, as a factor of each group's base rate."""
-    warm = min(1.0, (step + 1) / max(1, warmup_steps))
-    progress = min(1.0, step / max(1, total_steps))
-    return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def param_groups(modules, lr_head, lr_encoder, layer_decay, freeze_encoder):
@@ -177,9 +179,7 @@ def write_results(stats, label_encoder, folder: Path):
         "per_class_accuracy": dict(zip(names, stats["per_class_acc"])),
         "classes": names, "confusion": stats["confusion"],
     }
-    tmp = folder / "test_results.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, folder / "test_results.json")
+    atomic_write_text(folder / "test_results.json", json.dumps(payload, indent=2))
     logger.info("test accuracy %.4f on %d clips", stats["acc"], stats["count"])
     plot_confusion(stats["confusion"], names, folder / "confusion.png")
 
@@ -208,66 +208,16 @@ def plot_confusion(confusion, names, path: Path):
     ax.set_ylabel("true")
     ax.set_title("test confusion (counts; colour = row fraction)")
     fig.tight_layout()
-    _save_figure(fig, path)
-
-
-def plot_curves(history, path: Path):
-    """Train / valid loss and valid accuracy per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
-    ax1.plot(epochs, [h["valid_loss"] for h in history], marker="o", label="valid")
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("loss")
-    ax1.legend()
-    ax2.plot(epochs, [100 * h["valid_acc"] for h in history], marker="o", color="tab:green")
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("valid accuracy (%)")
-    for ax in (ax1, ax2):
-        ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    _save_figure(fig, path)
-
-
-def _save_figure(fig, path: Path):
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def prepare_data(hparams):
-    """Builds (or finds) the train / valid / test CSVs of the selected ``dataset``."""
-    dataset = hparams["dataset"]
-    if dataset == "events":
-        from lobes.data.events import prepare_event_corpus
-
-        kwargs = {"data_folder": hparams["data_folder"], **hparams["events_options"]}
-        run_on_main(prepare_event_corpus, kwargs=kwargs)
-        return prepare_event_corpus(**kwargs)  # already built: only returns the paths
-    if dataset == "esc50":
-        from lobes.data.esc50 import prepare_esc50
-
-        kwargs = {"data_folder": hparams["data_folder"], "save_folder": hparams["save_folder"],
-                  "test_fold": hparams["test_fold"], "valid_fold": hparams["valid_fold"],
-                  "sample_rate": hparams["sample_rate"]}
-        run_on_main(prepare_esc50, kwargs=kwargs)
-        return prepare_esc50(**kwargs)
-    return {k: hparams[f"{k}_csv"] for k in ("train", "valid", "test")}  # csv, see check_hparams
+    save_figure(fig, path, dpi=110)
 
 
 def dataio_prepare(hparams, csvs):
-    """Datasets yielding ``sig`` (16 kHz mono) and ``label_encoded``; fills the label encoder."""
+    """Datasets yielding ``sig`` (16 kHz mono) and ``label_encoded``; fills the label encoder.
+
+    ``$data_root`` in a manifest's wav paths is replaced by ``data_folder``."""
     from lobes.data.manifest import check_manifest
 
-    for split, path in csvs.items():
+    for path in csvs.values():
         check_manifest(path, ("ID", "wav", "label"))
     datasets = {
         split: sb.dataio.dataset.DynamicItemDataset.from_csv(
@@ -301,16 +251,6 @@ def dataio_prepare(hparams, csvs):
 
 def check_hparams(hparams):
     """Fails fast on settings that cannot work, before anything is written."""
-    if hparams["dataset"] not in ("events", "esc50", "csv"):
-        raise ValueError(f"dataset: {hparams['dataset']!r}; expected one of 'events', 'esc50', 'csv'")
-    if hparams["dataset"] == "csv":
-        csvs = {k: hparams[f"{k}_csv"] for k in ("train", "valid", "test")}
-        missing = [f"{k}_csv={v}" for k, v in csvs.items() if not v or not os.path.isfile(v)]
-        if missing:
-            raise FileNotFoundError(
-                "dataset: csv needs existing train_csv / valid_csv / test_csv files with columns "
-                f"ID, wav, label; missing or not found: {missing}"
-            )
     encoder_dim = hparams["encoder"].cfg.encoder_embed_dim
     if encoder_dim != hparams["emb_dim"]:
         raise ValueError(f"emb_dim: {hparams['emb_dim']}, but the encoder's encoder_embed_dim is "
@@ -319,14 +259,16 @@ def check_hparams(hparams):
 
 def main(argv):
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
-    sb.utils.distributed.ddp_init_group(run_opts)
-    with open(hparams_file, encoding="utf-8") as f:
-        hparams = load_hyperpyyaml(f, overrides)
+    sb.utils.distributed.ddp_init_group(run_opts)  # no-op unless launched with torchrun
+    hparams = load_hparams(hparams_file, overrides, debug=run_opts.get("debug", False), root=REPOSITORY_ROOT)
     check_hparams(hparams)
-    sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=hparams_file,
-                                   overrides=overrides)
+    status = spawn_workers_if_asked(__file__, argv, hparams, run_opts)  # plain `python train.py` on CPU
+    if status is not None:
+        sys.exit(status)
+    sb.create_experiment_directory(hparams["output_folder"])
+    save_hyperparams(hparams, hparams["output_folder"])
 
-    datasets = dataio_prepare(hparams, prepare_data(hparams))
+    datasets = dataio_prepare(hparams, prepare_on_main(hparams["prepare"]))
     modules, checkpointer = hparams["modules"], hparams["checkpointer"]
     modules["classifier"] = hparams["classifier"](hparams["emb_dim"], len(hparams["label_encoder"]))
     checkpointer.add_recoverable("classifier", modules["classifier"])
@@ -334,19 +276,26 @@ def main(argv):
         modules["pooling"] = hparams["pooling"]
         checkpointer.add_recoverable("pooling", hparams["pooling"])
     if hparams["freeze_encoder"]:
-        modules["encoder"].requires_grad_(False)
+        modules["encoder"].requires_grad_(False)  # not saved either: it is the checkpoint at ckpt_path
+    else:
+        checkpointer.add_recoverable("encoder", modules["encoder"])
 
-    run_on_main(remove_incomplete_checkpoints, args=[checkpointer.checkpoints_dir])
-    mark_complete_on_save(checkpointer)
+    guard_checkpoints(checkpointer)
     brain = AudioClassifier(modules=modules, opt_class=hparams["opt_class"], hparams=hparams,
                             run_opts=run_opts, checkpointer=checkpointer)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    batches_per_epoch = math.ceil(len(datasets["train"]) / world / hparams["batch_size"])
-    brain.total_steps = hparams["number_of_epochs"] * batches_per_epoch
+    brain.history = TrainingHistory(hparams["output_folder"], "valid_acc", "valid accuracy (%)")
+    if brain.distributed_launch:
+        logger.info("data-parallel training over %d processes", world_size())
+    set_schedule_length(hparams["lr_schedule"], brain, datasets["train"], hparams["train_dataloader_opts"],
+                        hparams["number_of_epochs"])
     brain.fit(brain.hparams.epoch_counter, datasets["train"], datasets["valid"],
               train_loader_kwargs=hparams["train_dataloader_opts"],
               valid_loader_kwargs=hparams["valid_dataloader_opts"])
     brain.evaluate(datasets["test"], max_key="acc", test_loader_kwargs=hparams["valid_dataloader_opts"])
+
+    # --- Inference folder ---------------------------------------------------------------------------------
+    # <output_folder>/pretrained/ (hyperparams.yaml + loadables for speechbrain's EncoderClassifier) is written
+    # here, after the test stage, by package_pretrained(hparams, ...) from lobes.inference.
 
 
 if __name__ == "__main__":

@@ -1,0 +1,211 @@
+"""Training plumbing shared by the recipes: processes, data preparation, checkpoints and learning rates.
+
+Data-parallel facts come from speechbrain (:func:`world_size`); CPU workers from :mod:`lobes.launch`; the
+checkpoint guard from :mod:`lobes.checkpoints`.
+
+Example
+-------
+>>> round(warmup_cosine_factor(step=50, warmup_steps=10, total_steps=100), 3)
+0.5
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+import torch
+
+__all__ = [
+    "ParamGroupSchedule",
+    "count_optimizer_steps",
+    "guard_checkpoints",
+    "prepare_on_main",
+    "set_schedule_length",
+    "spawn_workers_if_asked",
+    "warmup_cosine_factor",
+    "world_size",
+]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def world_size() -> int:
+    """Number of data-parallel processes (1 outside torchrun / ``cpu_processes``), from speechbrain's view.
+
+    Example
+    -------
+    >>> world_size()
+    1
+    """
+    from speechbrain.utils.distributed import is_distributed_initialized
+
+    return torch.distributed.get_world_size() if is_distributed_initialized() else 1
+
+
+def spawn_workers_if_asked(script: str | os.PathLike, argv: list[str], hparams: Mapping, run_opts: dict) -> int | None:
+    """Start ``cpu_processes`` DDP workers running ``script`` when a plain ``python`` command on CPU asks for
+    more than one (:mod:`lobes.launch`); returns their exit status, or None when this process trains itself.
+
+    Example
+    -------
+    >>> spawn_workers_if_asked("train.py", [], {"cpu_processes": 1}, {"device": "cpu"}) is None
+    True
+    """
+    from lobes.launch import should_spawn, spawn_cpu_workers
+
+    processes = hparams.get("cpu_processes", 1)
+    if not should_spawn(processes, run_opts):
+        return None
+    return spawn_cpu_workers(os.path.abspath(script), argv, int(processes))
+
+
+def prepare_on_main(prepare: Callable[[], T]) -> T:
+    """Run a data preparation on the main process, then return its result on every process.
+
+    ``prepare`` must be idempotent (the corpus functions of :mod:`lobes.data` are: a second call finds the
+    work done and only returns the paths).
+
+    Example
+    -------
+    >>> prepare_on_main(lambda: {"train": "train.csv"})
+    {'train': 'train.csv'}
+    """
+    from speechbrain.utils.distributed import run_on_main
+
+    run_on_main(prepare)
+    return prepare()
+
+
+def guard_checkpoints(checkpointer) -> None:
+    """Discard checkpoints cut off by a kill (main process) and mark every new one complete once written
+    (:mod:`lobes.checkpoints`), so that resuming after ``kill -9`` loads the last complete checkpoint.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> from speechbrain.utils.checkpoints import Checkpointer
+    >>> checkpointer = Checkpointer(tempfile.mkdtemp(), recoverables={"model": torch.nn.Linear(2, 2)})
+    >>> guard_checkpoints(checkpointer)
+    >>> from lobes.checkpoints import COMPLETE_MARKER
+    >>> (checkpointer.save_checkpoint().path / COMPLETE_MARKER).exists()
+    True
+    """
+    from speechbrain.utils.distributed import run_on_main
+
+    from lobes.checkpoints import mark_complete_on_save, remove_incomplete_checkpoints
+
+    run_on_main(remove_incomplete_checkpoints, args=[checkpointer.checkpoints_dir])
+    mark_complete_on_save(checkpointer)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Learning rates
+# --------------------------------------------------------------------------------------------------------------
+
+
+def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up times a cosine decay to zero, as a factor of a base learning rate.
+
+    ``step`` counts the optimizer steps already taken (0 before the first).
+
+    Example
+    -------
+    >>> [round(warmup_cosine_factor(s, 2, 4), 3) for s in range(5)]
+    [0.5, 0.854, 0.5, 0.146, 0.0]
+    """
+    warm = min(1.0, (step + 1) / max(1, warmup_steps))
+    progress = min(1.0, step / max(1, total_steps))
+    return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class ParamGroupSchedule:
+    """Sets the learning rate of every parameter group to its own ``base_lr`` times :func:`warmup_cosine_factor`.
+
+    For optimizers whose groups train at different rates (layer-wise decay): each group holds its
+    ``base_lr``; call the schedule before each step with the number of steps taken. It keeps no state of its
+    own (the step count comes from ``Brain.optimizer_step``, which speechbrain checkpoints).
+
+    Arguments
+    ---------
+    warmup_steps : int
+        Optimizer steps of linear warm-up.
+    total_steps : int, optional
+        Length of the run; set later with :meth:`set_total_steps` (:func:`set_schedule_length`) when None.
+
+    Example
+    -------
+    >>> params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    >>> opt = torch.optim.SGD([{"params": params[:1], "base_lr": 1.0}, {"params": params[1:], "base_lr": 0.1}])
+    >>> schedule = ParamGroupSchedule(warmup_steps=2, total_steps=4)
+    >>> schedule(opt, step=1)  # the largest rate
+    0.8535533905932737
+    >>> round(opt.param_groups[1]["lr"], 4)
+    0.0854
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int | None = None):
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0; got {warmup_steps}")
+        self.warmup_steps = int(warmup_steps)
+        self.total_steps = None if total_steps is None else int(total_steps)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Fix the length of the run in optimizer steps."""
+        if int(total_steps) < 1:
+            raise ValueError(f"total_steps must be >= 1; got {total_steps}")
+        self.total_steps = int(total_steps)
+
+    def __call__(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """Set each group's rate for the step after ``step`` taken steps; returns the largest rate."""
+        if self.total_steps is None:
+            raise RuntimeError("total_steps is not set: pass it to the constructor or call set_total_steps()")
+        factor = warmup_cosine_factor(step, self.warmup_steps, self.total_steps)
+        for index, group in enumerate(optimizer.param_groups):
+            if "base_lr" not in group:
+                raise KeyError(f"parameter group {index} has no 'base_lr'; give every group its base learning rate")
+            group["lr"] = group["base_lr"] * factor
+        return max(group["lr"] for group in optimizer.param_groups)
+
+
+def count_optimizer_steps(brain, train_set, loader_kwargs: Mapping, epochs: int) -> int:
+    """Optimizer steps of ``epochs`` epochs over ``train_set`` in this process, as ``brain.fit`` will take them.
+
+    Counts the batches of the loader (its ``batch_sampler`` when there is one, else ``batch_size``), the
+    process's share of them under DDP (speechbrain's distributed samplers split them evenly) and gradient
+    accumulation.
+
+    Example
+    -------
+    >>> from types import SimpleNamespace
+    >>> count_optimizer_steps(SimpleNamespace(grad_accumulation_factor=1), range(10), {"batch_size": 4}, 3)
+    9
+    """
+    sampler = loader_kwargs.get("batch_sampler")
+    batches = len(sampler) if sampler is not None else math.ceil(len(train_set) / loader_kwargs["batch_size"])
+    batches = math.ceil(batches / world_size())
+    return math.ceil(batches / brain.grad_accumulation_factor) * int(epochs)
+
+
+def set_schedule_length(scheduler, brain, train_set, loader_kwargs: Mapping, epochs: int) -> int | None:
+    """Give a schedule that needs the length of the run (``total_steps: null`` in the YAML) its number of
+    optimizer steps (:func:`count_optimizer_steps`); returns it, or None when the schedule has its length.
+
+    Example
+    -------
+    >>> from types import SimpleNamespace
+    >>> schedule = ParamGroupSchedule(warmup_steps=10)
+    >>> set_schedule_length(schedule, SimpleNamespace(grad_accumulation_factor=2), range(8), {"batch_size": 2}, 5)
+    10
+    """
+    if not hasattr(scheduler, "set_total_steps") or getattr(scheduler, "total_steps", None) is not None:
+        return None
+    steps = count_optimizer_steps(brain, train_set, loader_kwargs, epochs)
+    scheduler.set_total_steps(steps)
+    logger.info("learning-rate schedule: %d optimizer steps", steps)
+    return steps
