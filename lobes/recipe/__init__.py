@@ -6,7 +6,8 @@
 - :mod:`lobes.recipe.training`: data-parallel facts from speechbrain (:func:`world_size`), CPU workers
   (:func:`spawn_workers_if_asked`), data preparation on the main process (:func:`prepare_on_main`),
   checkpoints that survive ``kill -9`` (:func:`guard_checkpoints`), schedules that need the run's length
-  (:func:`set_schedule_length`) and per-parameter-group learning rates (:class:`ParamGroupSchedule`).
+  (:func:`set_schedule_length`), per-parameter-group learning rates (:class:`ParamGroupSchedule`) and the
+  run's pretrained folder (:func:`write_pretrained`).
 - :mod:`lobes.recipe.history`: ``history.json`` + ``curves.png`` (:class:`TrainingHistory`) and atomic figures
   (:func:`save_figure`).
 - :mod:`lobes.recipe.lexicon`: the test-time lexicon + word-LM decoder built in the YAML and fitted on the
@@ -40,6 +41,7 @@ from lobes.recipe.training import (
     spawn_workers_if_asked,
     warmup_cosine_factor,
     world_size,
+    write_pretrained,
 )
 
 __all__ = [
@@ -60,4 +62,5 @@ __all__ = [
     "spawn_workers_if_asked",
     "warmup_cosine_factor",
     "world_size",
+    "write_pretrained",
 ]

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -209,3 +210,42 @@ def set_schedule_length(scheduler, brain, train_set, loader_kwargs: Mapping, epo
     scheduler.set_total_steps(steps)
     logger.info("learning-rate schedule: %d optimizer steps", steps)
     return steps
+
+
+def write_pretrained(brain, output_folder: str | os.PathLike) -> Path | None:
+    """Package a finished run into ``<output_folder>/pretrained/`` (on the main process).
+
+    The folder is what ``python -m lobes.package`` writes (see :func:`lobes.package.package_run`): it loads
+    with speechbrain's ``from_hparams`` and with :mod:`lobes.inference`. A ``--debug`` run keeps its
+    checkpoints in a temporary folder (speechbrain's rule, unless ``--debug_persistently``), so it has nothing
+    to package: it is skipped with a log line.
+
+    Arguments
+    ---------
+    brain : speechbrain.Brain
+        The recipe's Brain after its test stage.
+    output_folder : str or PathLike
+        The run's output folder.
+
+    Returns
+    -------
+    Path or None
+        The pretrained folder, or None where nothing was written (debug run, or not the main process).
+    """
+    from speechbrain.utils.distributed import if_main_process, run_on_main
+
+    from lobes.package import package_run
+
+    output_folder = Path(output_folder).resolve()
+    checkpoints = Path(brain.checkpointer.checkpoints_dir).resolve()
+    if output_folder not in checkpoints.parents:
+        logger.info(
+            "no pretrained folder: this run's checkpoints are in %s, outside %s (a --debug run; add "
+            "--debug_persistently to keep them)",
+            checkpoints,
+            output_folder,
+        )
+        return None
+    target = output_folder / "pretrained"
+    run_on_main(package_run, args=[output_folder, target])
+    return target if if_main_process() else None

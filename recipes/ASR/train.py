@@ -45,6 +45,7 @@ from lobes.recipe import (
     set_schedule_length,
     spawn_workers_if_asked,
     world_size,
+    write_pretrained,
 )
 
 logger = logging.getLogger(__name__)
@@ -287,8 +288,9 @@ def main(argv):
     asr.evaluate(datasets["test"], min_key="WER", test_loader_kwargs=hparams["test_dataloader_opts"])
 
     # --- Inference folder ---------------------------------------------------------------------------------
-    # <output_folder>/pretrained/ (hyperparams.yaml + loadables for speechbrain's EncoderASR) is written here,
-    # after the test stage, by package_pretrained(hparams, ...) from lobes.inference.
+    # <output_folder>/pretrained/: hyperparams.yaml + loadables for speechbrain's EncoderASR (greedy CTC), a
+    # foreign_class interface with the test decoder (lexicon + word LM), the tokenizer and a README.md.
+    write_pretrained(asr, hparams["output_folder"])
 
 
 if __name__ == "__main__":

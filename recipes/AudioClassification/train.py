@@ -54,6 +54,7 @@ from lobes.recipe import (
     set_schedule_length,
     spawn_workers_if_asked,
     world_size,
+    write_pretrained,
 )
 
 logger = logging.getLogger(__name__)
@@ -294,8 +295,9 @@ def main(argv):
     brain.evaluate(datasets["test"], max_key="acc", test_loader_kwargs=hparams["valid_dataloader_opts"])
 
     # --- Inference folder ---------------------------------------------------------------------------------
-    # <output_folder>/pretrained/ (hyperparams.yaml + loadables for speechbrain's EncoderClassifier) is written
-    # here, after the test stage, by package_pretrained(hparams, ...) from lobes.inference.
+    # <output_folder>/pretrained/: hyperparams.yaml + loadables for speechbrain's EncoderClassifier, the label
+    # encoder and a README.md.
+    write_pretrained(brain, hparams["output_folder"])
 
 
 if __name__ == "__main__":

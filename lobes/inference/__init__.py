@@ -1,0 +1,35 @@
+"""Use a trained model: pretrained folders, loaders and the commands built on them.
+
+``Transcriber`` (speech recognition, :mod:`lobes.inference.asr`) and ``AudioClassifier`` (audio
+classification, :mod:`lobes.inference.classify`) load a folder written by ``python -m lobes.package`` in one
+line; :mod:`lobes.inference.common` holds what they share (inputs, devices, precision, folder I/O) and
+:mod:`lobes.inference.cli` the runner behind ``python -m lobes.transcribe`` and ``python -m lobes.classify``.
+The classes are imported on first use, so ``import lobes.inference`` stays cheap.
+
+Example
+-------
+>>> import lobes.inference
+>>> lobes.inference.Transcriber.__name__
+'Transcriber'
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = ["AudioClassifier", "Transcriber"]
+
+_WHERE = {"Transcriber": "lobes.inference.asr", "AudioClassifier": "lobes.inference.classify"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,721 @@
+"""Speech recognition with a trained :class:`lobes.asr.ASRModel`: package a run, load it, transcribe.
+
+:func:`package_asr_run` turns a recipe run into a pretrained folder that loads three ways:
+
+* ``speechbrain.inference.ASR.EncoderASR.from_hparams(source=FOLDER, savedir=...)``: greedy CTC, the same
+  words as the recipe's greedy decoding;
+* ``speechbrain.inference.interfaces.foreign_class(source=FOLDER, pymodule_file="custom.py",
+  classname="CustomInterface", savedir=...)``: the recipe's test decoding (CTC prefix beam search over the
+  training words with their word n-gram LM, rebuilt from the packaged training transcripts);
+* :meth:`Transcriber.from_pretrained`: greedy or beam words with word timestamps, any input form and rate,
+  batching by length, and recordings of any length in overlapping windows with bounded memory.
+
+Word timestamps come from the CTC alignment: a model frame is ``hop * 2 ** len(frontend.convs)`` samples
+(10 ms fbank hop, 4x subsampling: 40 ms); a word starts at the first frame of its first letter-bearing
+token and ends after the last frame of its last one (greedy: the best path; beam: a Viterbi alignment of
+the beam's tokens).
+
+Long recordings (longer than ``window_seconds``) are cut into windows of ``window_seconds`` whose centres
+(``window_seconds - 2 * context_seconds`` long, on a 40 ms grid) tile the recording; each window is run with
+``context_seconds`` of audio on either side and only the frames of its centre are kept, so every frame of the
+recording comes from exactly one window and nothing is duplicated or dropped at the seams. Greedy decoding
+runs over the joined best path; beam search decodes pieces cut in the longest blank stretch of each
+``window_seconds``. Memory is bounded by the batch of windows, whatever the length.
+
+Example
+-------
+>>> from lobes.asr import ASRModel
+>>> from lobes.conformer import hyperconformer_encoder
+>>> model = ASRModel(hyperconformer_encoder(1, 16, 32, 2, kernel_size=3), vocab_size=6, d_model=16)
+>>> encoder = CTCEncoder(model.eval())
+>>> encoder(torch.rand(2, 8000), torch.tensor([1.0, 0.5])).shape, encoder.frame_shift
+(torch.Size([2, 13, 6]), 0.04)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from speechbrain.inference.ASR import EncoderASR
+from speechbrain.utils.checkpoints import mark_as_loader, mark_as_transfer, register_checkpoint_hooks
+from torch import nn
+
+from lobes.inference.common import (
+    HPARAMS_FILE,
+    AudioSource,
+    PretrainedError,
+    audio_sources,
+    autocast,
+    batches_by_length,
+    load_pretrained,
+    resolve_device,
+    resolve_precision,
+)
+
+__all__ = [
+    "DECODERS",
+    "CTCEncoder",
+    "LexiconBeamASR",
+    "Transcriber",
+    "Transcript",
+    "TrainingTranscripts",
+    "Word",
+    "greedy_decode",
+    "package_asr_run",
+]
+
+logger = logging.getLogger(__name__)
+
+DECODERS = ("greedy", "beam")
+"""``greedy``: best CTC path; ``beam``: the recipe's lexicon + word-LM beam search."""
+KIND = "asr"
+PAD_LOG_PROB = -1e4  # log-probability of non-blank tokens on padded frames (blank gets 0)
+FBANK_EPS = 1e-5  # variance floor of lobes.asr.ASRModel's feature normalisation
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Word:
+    """One recognised word and where it is, in seconds from the start of the recording."""
+
+    word: str
+    start: float
+    end: float
+
+
+@dataclasses.dataclass
+class Transcript:
+    """The words of one recording: ``text`` (words joined by spaces) and ``words`` with timestamps."""
+
+    text: str
+    words: list[Word]
+
+    def to_dict(self) -> dict:
+        """``{"text": ..., "words": [{"word", "start", "end"}, ...]}`` (JSON-able)."""
+        return {"text": self.text, "words": [dataclasses.asdict(w) for w in self.words]}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pieces of the pretrained folder
+# --------------------------------------------------------------------------------------------------------------
+def greedy_decode(
+    log_probs: torch.Tensor, wav_lens: torch.Tensor | None = None, blank_index: int = 0
+) -> list[list[int]]:
+    """Best-path CTC tokens of every row (speechbrain's ``decoding_function`` for :class:`CTCEncoder` outputs).
+
+    Every frame is read: :class:`CTCEncoder` sets frames beyond a row's length to the blank, which is exact
+    where relative ``wav_lens`` would round to a frame too few or too many.
+
+    Arguments
+    ---------
+    log_probs : torch.Tensor
+        (B, T, V) CTC log-probabilities from :class:`CTCEncoder`.
+    wav_lens : torch.Tensor, optional
+        (B,) relative lengths (unused, see above).
+    blank_index : int
+        The CTC blank.
+
+    Returns
+    -------
+    list[list[int]]
+        Token ids per row.
+
+    Example
+    -------
+    >>> lp = torch.log(torch.tensor([[[.1, .9], [.1, .9], [.9, .1], [.1, .9]]]))
+    >>> greedy_decode(lp)
+    [[1, 1]]
+    """
+    from lobes.asr import ctc_greedy_decode
+
+    full = torch.full((log_probs.shape[0],), log_probs.shape[1], device=log_probs.device)
+    return ctc_greedy_decode(log_probs, full, blank_index)
+
+
+@register_checkpoint_hooks
+class TrainingTranscripts:
+    """The training transcripts (one per line) from which the beam decoder's lexicon and word LM are built.
+
+    A loadable of the pretrained folder's ``pretrainer`` (file ``transcripts.ckpt``, UTF-8 text).
+
+    Example
+    -------
+    >>> import tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "transcripts.ckpt")
+    >>> _ = open(p, "w").write("THE CAT\\nA DOG\\n")
+    >>> t = TrainingTranscripts(); t.load(p); t.sentences
+    ['THE CAT', 'A DOG']
+    """
+
+    def __init__(self, sentences: Sequence[str] = ()):
+        self.sentences = list(sentences)
+
+    @mark_as_transfer
+    def load(self, path: str | os.PathLike) -> None:
+        """Read the transcripts from ``path``."""
+        self.sentences = Path(path).read_text(encoding="utf-8").splitlines()
+
+    @mark_as_loader
+    def _recover(self, path: str | os.PathLike, end_of_epoch: bool = False) -> None:
+        self.load(path)
+
+
+class CTCEncoder(nn.Module):
+    """An :class:`lobes.asr.ASRModel` as speechbrain's ``EncoderASR`` encoder: waveforms -> CTC log-probs.
+
+    Arguments
+    ---------
+    model : lobes.asr.ASRModel
+        The trained model.
+    blank_index : int
+        The CTC blank; frames beyond a row's valid length get log-probability 0 for it.
+
+    Example
+    -------
+    >>> from lobes.asr import ASRModel
+    >>> from lobes.conformer import hyperconformer_encoder
+    >>> enc = CTCEncoder(ASRModel(hyperconformer_encoder(1, 16, 32, 2, kernel_size=3), 5, 16).eval())
+    >>> lp, lens = enc.log_probs(torch.rand(2, 6400), torch.tensor([1.0, 0.5]))
+    >>> lp.shape, lens.tolist(), lp[1, -1].exp().round().tolist()
+    (torch.Size([2, 11, 5]), [11, 6], [1.0, 0.0, 0.0, 0.0, 0.0])
+    """
+
+    def __init__(self, model: nn.Module, blank_index: int = 0):
+        super().__init__()
+        missing = [
+            a
+            for a in ("features", "encode", "ctc_log_probs", "sample_rate", "hop_length", "frontend")
+            if not hasattr(model, a)
+        ]
+        if missing:
+            raise TypeError(f"CTCEncoder needs a lobes.asr.ASRModel; {type(model).__name__} lacks {missing}")
+        self.model = model
+        self.blank_index = blank_index
+
+    @property
+    def sample_rate(self) -> int:
+        """Rate of the waveforms the model expects."""
+        return int(self.model.sample_rate)
+
+    @property
+    def frame_samples(self) -> int:
+        """Samples per output frame: the fbank hop times the front-end's subsampling."""
+        return int(self.model.hop_length) * 2 ** len(self.model.frontend.convs)
+
+    @property
+    def frame_shift(self) -> float:
+        """Seconds per output frame."""
+        return self.frame_samples / self.sample_rate
+
+    @property
+    def vocab_size(self) -> int:
+        """Outputs of the CTC head."""
+        return int(self.model.ctc_lin.out_features)
+
+    def log_probs(
+        self, wavs: torch.Tensor, wav_lens: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """CTC log-probabilities of a batch.
+
+        Arguments
+        ---------
+        wavs : torch.Tensor
+            (B, S) waveforms.
+        wav_lens : torch.Tensor
+            (B,) relative lengths.
+        stats : (torch.Tensor, torch.Tensor), optional
+            (F,) mean and variance of the fbank to normalise with, instead of each row's own (the model's
+            default): the windows of a long recording use the statistics of the whole recording.
+
+        Returns
+        -------
+        tuple
+            (B, T, V) log-probs (float32; padded frames are blank) and (B,) valid frames.
+        """
+        if stats is None:
+            feats, lengths = self.model.features(wavs, wav_lens)
+        else:
+            feats, lengths = self._features_with_stats(wavs, wav_lens, *stats)
+        enc, lengths = self.model.encode(feats, lengths)
+        log_probs = self.model.ctc_log_probs(enc)  # (B, T, V)
+        pad = torch.arange(log_probs.shape[1], device=log_probs.device)[None, :] >= lengths[:, None]  # (B, T)
+        if pad.any():
+            blank = torch.full_like(log_probs[0, 0], PAD_LOG_PROB)
+            blank[self.blank_index] = 0.0
+            log_probs = torch.where(pad[..., None], blank, log_probs)
+        return log_probs, lengths
+
+    def fbank(self, wavs: torch.Tensor) -> torch.Tensor:
+        """(B, S) waveforms -> (B, S // hop + 1, n_mels) fbank of the model (float32, not normalised)."""
+        with torch.autocast(wavs.device.type, enabled=False):
+            return self.model.compute_fbank(wavs.float())
+
+    def _features_with_stats(
+        self, wavs: torch.Tensor, wav_lens: torch.Tensor, mean: torch.Tensor, var: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ASRModel.features`` with given normalisation statistics (same frame count, same epsilon)."""
+        samples = torch.round(wav_lens.float() * wavs.shape[1]).long()
+        lengths = torch.div(samples, self.model.hop_length, rounding_mode="floor") + 1  # centred frames
+        feats = self.fbank(wavs)  # (B, T, F)
+        lengths = lengths.clamp(max=feats.shape[1])
+        keep = torch.arange(feats.shape[1], device=feats.device)[None, :, None] < lengths[:, None, None]  # (B, T, 1)
+        return (feats - mean.to(feats)) / torch.sqrt(var.to(feats) + FBANK_EPS) * keep, lengths
+
+    def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> torch.Tensor:
+        """(B, S) waveforms, (B,) relative lengths -> (B, T, V) CTC log-probs (padded frames are blank)."""
+        return self.log_probs(wavs, wav_lens)[0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Alignment and words
+# --------------------------------------------------------------------------------------------------------------
+def _best_path(log_probs: np.ndarray) -> np.ndarray:
+    """Best token of each frame of (T, V) log-probs (torch's ``max``, as speechbrain's greedy decoding)."""
+    return torch.from_numpy(np.ascontiguousarray(log_probs)).max(dim=-1)[1].numpy()
+
+
+def _collapse(path: np.ndarray, blank: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """Tokens of a best path and the (first, last) frame of each token's run."""
+    tokens, spans = [], []
+    prev = -1
+    for t, c in enumerate(path.tolist()):
+        if c != blank:
+            if c == prev:
+                spans[-1] = (spans[-1][0], t)
+            else:
+                tokens.append(c)
+                spans.append((t, t))
+        prev = c
+    return tokens, spans
+
+
+def _ctc_align(log_probs: np.ndarray, tokens: Sequence[int], blank: int) -> list[tuple[int, int]]:
+    """(first, last) frame of each token on the Viterbi CTC alignment of ``tokens`` to (T, V) log-probs."""
+    if not tokens:
+        return []
+    labels = np.full(2 * len(tokens) + 1, blank, dtype=np.int64)
+    labels[1::2] = tokens
+    n_states = len(labels)
+    # a state may skip the blank before it when its token differs from the token two states back
+    skip = np.zeros(n_states, dtype=bool)
+    skip[3::2] = labels[3::2] != labels[1:-2:2]
+    emit = log_probs[:, labels]  # (T, S)
+    score = np.full(n_states, -np.inf)
+    score[0], score[1] = emit[0, 0], emit[0, 1]
+    back = np.zeros((len(log_probs), n_states), dtype=np.int8)  # 0: stay, 1: from s-1, 2: from s-2
+    for t in range(1, len(log_probs)):
+        stay = score
+        step = np.concatenate(([-np.inf], score[:-1]))
+        jump = np.where(skip, np.concatenate(([-np.inf, -np.inf], score[:-2])), -np.inf)
+        choice = np.argmax(np.stack([stay, step, jump]), axis=0)
+        score = np.choose(choice, [stay, step, jump]) + emit[t]
+        back[t] = choice
+    state = n_states - 1 if score[-1] >= score[-2] else n_states - 2
+    spans: dict[int, list[int]] = {}
+    for t in range(len(log_probs) - 1, -1, -1):
+        if state % 2 == 1:
+            first_last = spans.setdefault(state // 2, [t, t])
+            first_last[0] = t
+        state -= int(back[t, state])
+    return [tuple(spans.get(i, (0, 0))) for i in range(len(tokens))]
+
+
+def _words(
+    tokenizer, tokens: Sequence[int], spans: Sequence[tuple[int, int]], frame_shift: float, offset_frames: int = 0
+) -> list[Word]:
+    """Words of a token sequence (a word starts at a piece beginning with the SentencePiece boundary "▁"),
+    timed by the frames of the pieces that carry letters."""
+    words: list[Word] = []
+    text, first, last = "", None, None
+
+    def close():
+        if text:
+            start = offset_frames + (first if first is not None else 0)
+            end = offset_frames + (last if last is not None else start) + 1
+            words.append(Word(text, round(start * frame_shift, 3), round(end * frame_shift, 3)))
+
+    for token, (a, b) in zip(tokens, spans):
+        piece = tokenizer.id_to_piece(int(token))
+        for i, part in enumerate(piece.split("\u2581")):
+            if i > 0:  # a boundary: the word so far is complete
+                close()
+                text, first, last = "", None, None
+            if part:
+                text += part
+                first = a if first is None else first
+                last = b
+    close()
+    return words
+
+
+def _text(tokenizer, tokens: Sequence[int]) -> str:
+    """The recipe's hypothesis text: SentencePiece's decoding, split into words and joined by one space."""
+    return " ".join(tokenizer.decode_ids([int(t) for t in tokens]).split())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Transcriber
+# --------------------------------------------------------------------------------------------------------------
+class Transcriber:
+    """Transcribe speech with a pretrained folder: words and word timestamps, any input, any length.
+
+    Arguments
+    ---------
+    encoder : CTCEncoder
+        The model.
+    tokenizer : sentencepiece.SentencePieceProcessor
+        Its tokenizer.
+    beam_decoder : lobes.decoding.CTCLexiconDecoder, optional
+        For ``decoder="beam"``.
+    device : str or torch.device
+        ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+    precision : str
+        ``fp32`` or ``bf16`` (autocast; the fbank stays float32).
+    window_seconds : float
+        Longest recording processed in one piece; longer ones go through overlapping windows this long.
+    context_seconds : float
+        Audio on either side of a window's centre that is seen but not kept.
+
+    Example
+    -------
+    >>> Transcriber.from_pretrained("no/such/folder")
+    Traceback (most recent call last):
+    ...
+    lobes.inference.common.PretrainedError: no/such/folder: no such folder; expected a pretrained folder ...
+    """
+
+    def __init__(
+        self,
+        encoder: CTCEncoder,
+        tokenizer,
+        beam_decoder=None,
+        device: str | torch.device = "auto",
+        precision: str = "fp32",
+        window_seconds: float = 30.0,
+        context_seconds: float = 5.0,
+    ):
+        resolve_precision(precision)
+        self.device = resolve_device(device)
+        self.precision = precision
+        self.encoder = encoder.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.beam_decoder = beam_decoder
+        step = self.encoder.frame_samples
+        self.window = max(int(round(window_seconds * self.sample_rate / step)), 3) * step
+        self.context = int(round(context_seconds * self.sample_rate / step)) * step
+        if self.window - 2 * self.context < step:
+            raise ValueError(
+                f"window_seconds ({window_seconds}) must exceed 2 * context_seconds ({context_seconds}) "
+                f"by at least one frame ({self.encoder.frame_shift} s)"
+            )
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | os.PathLike, device: str | torch.device = "auto", precision: str = "fp32", **kwargs: Any
+    ) -> "Transcriber":
+        """Load a folder written by :func:`package_asr_run` (``kwargs`` go to the constructor).
+
+        Raises
+        ------
+        lobes.inference.common.PretrainedError
+            Not a speech-recognition folder, a missing or altered file, weights that do not fit, or a
+            tokenizer with more pieces than the model has outputs.
+        """
+        hparams, _ = load_pretrained(folder, kind=KIND)
+        for key in ("encoder", "tokenizer"):
+            if key not in hparams:
+                raise PretrainedError(f"{Path(folder) / HPARAMS_FILE}: no '{key}'")
+        encoder, tokenizer = hparams["encoder"], hparams["tokenizer"]
+        _check_tokenizer(tokenizer, encoder, folder)
+        beam = None
+        if hparams.get("beam_decoder") is not None and hparams.get("transcripts") is not None:
+            beam = hparams["beam_decoder"](tokenizer, hparams["transcripts"].sentences)
+        return cls(encoder, tokenizer, beam, device=device, precision=precision, **kwargs)
+
+    @property
+    def sample_rate(self) -> int:
+        """The model's rate; other rates are converted."""
+        return self.encoder.sample_rate
+
+    @property
+    def frame_shift(self) -> float:
+        """Seconds between two CTC frames (the resolution of the timestamps)."""
+        return self.encoder.frame_shift
+
+    def transcribe(
+        self, inputs: Any, sample_rate: int | None = None, decoder: str = "greedy", batch_seconds: float = 60.0
+    ) -> Transcript | list[Transcript]:
+        """Transcribe one recording or a list.
+
+        Arguments
+        ---------
+        inputs : path, tensor, array, or list of them
+            See :mod:`lobes.inference.common` for the rule (files: any format, rate and channels; waveforms:
+            ``(samples,)`` or with a short channel axis, and ``sample_rate``).
+        sample_rate : int, optional
+            Rate of the tensors / arrays (required for them).
+        decoder : str
+            ``greedy`` or ``beam``.
+        batch_seconds : float
+            Padded audio per batch.
+
+        Returns
+        -------
+        Transcript or list of Transcript
+            One per input (a list when ``inputs`` is a list or tuple).
+        """
+        sources = audio_sources(inputs, sample_rate, self.sample_rate)
+        results = self.transcribe_sources(sources, decoder, batch_seconds)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results if isinstance(inputs, (list, tuple)) else results[0]
+
+    def transcribe_sources(
+        self, sources: Sequence[AudioSource], decoder: str = "greedy", batch_seconds: float = 60.0
+    ) -> list[Transcript | Exception]:
+        """:meth:`transcribe` for prepared :class:`AudioSource` objects; a source that fails to load gives its
+        exception in its place instead of stopping the others."""
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder {decoder!r}: expected one of {', '.join(DECODERS)}")
+        if decoder == "beam" and self.beam_decoder is None:
+            raise ValueError(
+                "decoder 'beam': this pretrained folder has no lexicon / language model (the run was "
+                "tested without test_decoder); use decoder 'greedy'"
+            )
+        if not batch_seconds > 0:
+            raise ValueError(f"batch_seconds must be positive, got {batch_seconds}")
+        results: list[Transcript | Exception | None] = [None] * len(sources)
+        window_s = self.window / self.sample_rate
+        short = [i for i, s in enumerate(sources) if s.num_samples <= self.window]
+        for batch in batches_by_length([sources[i] for i in short], batch_seconds):
+            ids = [short[j] for j in batch]
+            waves = {}
+            for i in ids:
+                try:
+                    waves[i] = sources[i].load()
+                except Exception as exc:  # reported in the result list
+                    results[i] = exc
+            if waves:
+                for i, transcript in zip(waves, self._transcribe_short(list(waves.values()), decoder)):
+                    results[i] = transcript
+        for i, source in enumerate(sources):
+            if source.num_samples > self.window:
+                try:
+                    results[i] = self._transcribe_long(source, decoder, max(1, int(batch_seconds // window_s)))
+                except Exception as exc:
+                    results[i] = exc
+        return results  # type: ignore[return-value]
+
+    # --- model calls ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _fbank_stats(self, source: AudioSource) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F,) mean and variance of the whole recording's fbank, read one window at a time.
+
+        Each block is read with enough audio on either side that its frames equal those of the whole
+        recording's fbank, so the statistics are the ones ``ASRModel.features`` would compute on it whole.
+        """
+        hop, n = int(self.encoder.model.hop_length), source.num_samples
+        pad = self.encoder.frame_samples  # a multiple of the hop, longer than half an FFT window
+        total, total_sq, count = 0.0, 0.0, 0
+        for b0 in range(0, n, self.window):
+            b1 = min(b0 + self.window, n)
+            a = max(b0 - pad, 0)
+            feats = self.encoder.fbank(source.segment(a, min(b1 + pad, n))[None].to(self.device))[0].double()
+            first = (b0 - a) // hop  # frames centred in [b0, b1); the last block also keeps the frame at n
+            last = (n // hop if b1 == n else -(-b1 // hop) - 1) - a // hop
+            block = feats[first : last + 1]
+            total = total + block.sum(0)
+            total_sq = total_sq + (block**2).sum(0)
+            count += block.shape[0]
+        mean = total / count
+        return mean.float(), (total_sq / count - mean**2).clamp(min=0.0).float()
+
+    @torch.no_grad()
+    def _log_probs(
+        self,
+        waves: Sequence[torch.Tensor],
+        stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[np.ndarray, list[int]]:
+        """(B, T, V) log-probs (numpy float32) and valid frames of a list of 1-D waveforms."""
+        longest = max(w.numel() for w in waves)
+        batch = torch.zeros(len(waves), longest)
+        for row, wav in enumerate(waves):
+            batch[row, : wav.numel()] = wav
+        rel = torch.tensor([w.numel() / longest for w in waves])
+        with autocast(self.device, self.precision):
+            log_probs, lengths = self.encoder.log_probs(batch.to(self.device), rel.to(self.device), stats)
+        return log_probs.float().cpu().numpy(), lengths.cpu().tolist()
+
+    def _transcribe_short(self, waves: Sequence[torch.Tensor], decoder: str) -> list[Transcript]:
+        log_probs, lengths = self._log_probs(waves)
+        return [self._decode(log_probs[b, :n], decoder) for b, n in enumerate(lengths)]
+
+    def _decode(self, log_probs: np.ndarray, decoder: str, offset: int = 0) -> Transcript:
+        """Words of one stretch of (T, V) log-probs whose first frame is frame ``offset`` of the recording."""
+        blank = self.encoder.blank_index
+        if decoder == "greedy":  # outputs beyond the tokenizer's pieces spell nothing: left out of the best path
+            tokens, spans = _collapse(_best_path(log_probs[:, : self.tokenizer.get_piece_size()]), blank)
+            text = _text(self.tokenizer, tokens)
+        else:
+            words = self.beam_decoder.decode_one(log_probs)
+            tokens = [t for w in words for t in self.tokenizer.encode_as_ids(w)]
+            spans = _ctc_align(log_probs, tokens, blank)
+            text = " ".join(words)
+        return Transcript(text, _words(self.tokenizer, tokens, spans, self.frame_shift, offset))
+
+    def _windows(self, source: AudioSource, per_batch: int) -> Iterator[np.ndarray]:
+        """Log-probs of the recording's frames, in order, one window centre at a time."""
+        step, n = self.encoder.frame_samples, source.num_samples
+        stride = self.window - 2 * self.context
+        cores = [(c, min(c + stride, n)) for c in range(0, n, stride)]
+        stats = self._fbank_stats(source)
+        for first in range(0, len(cores), per_batch):
+            group = cores[first : first + per_batch]
+            spans = [(max(c0 - self.context, 0), min(c1 + self.context, n)) for c0, c1 in group]
+            log_probs, lengths = self._log_probs([source.segment(a, b) for a, b in spans], stats)
+            _release_freed_memory()
+            for (c0, c1), (a, _), lp, length in zip(group, spans, log_probs, lengths):
+                lo = (c0 - a) // step
+                hi = length if c1 == n else (c1 - a) // step
+                yield lp[lo:hi]
+
+    def _transcribe_long(self, source: AudioSource, decoder: str, per_batch: int) -> Transcript:
+        pieces = self.tokenizer.get_piece_size()
+        if decoder == "greedy":
+            path = np.concatenate([_best_path(lp[:, :pieces]) for lp in self._windows(source, per_batch)])
+            tokens, spans = _collapse(path, self.encoder.blank_index)
+            return Transcript(_text(self.tokenizer, tokens), _words(self.tokenizer, tokens, spans, self.frame_shift))
+        pieces: list[Transcript] = []
+        pending: list[np.ndarray] = []
+        offset = 0
+        limit = self.window // self.encoder.frame_samples
+        for chunk in self._windows(source, per_batch):
+            pending.append(chunk)
+            buffered = np.concatenate(pending)
+            while len(buffered) > limit:
+                cut = self._cut(buffered[:limit])
+                pieces.append(self._decode(buffered[:cut], decoder, offset))
+                offset += cut
+                buffered = buffered[cut:]
+            pending = [buffered]
+        if pending and len(pending[0]):
+            pieces.append(self._decode(pending[0], decoder, offset))
+        words = [w for p in pieces for w in p.words]
+        return Transcript(" ".join(p.text for p in pieces if p.text), words)
+
+    def _cut(self, log_probs: np.ndarray) -> int:
+        """A frame in the middle of the longest run of best-path blanks in the second half of ``log_probs``."""
+        is_blank = np.append(log_probs.argmax(-1) == self.encoder.blank_index, False)
+        best, best_len, run_start = len(log_probs), 0, None
+        for t in range(len(log_probs) // 2, len(is_blank)):
+            if is_blank[t] and run_start is None:
+                run_start = t
+            elif not is_blank[t] and run_start is not None:
+                if t - run_start > best_len:
+                    best, best_len = (run_start + t) // 2, t - run_start
+                run_start = None
+        return max(best, 1)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or ``None`` on other C libraries."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_freed_memory() -> None:
+    """Give the memory freed by the last window batch back to the system.
+
+    glibc keeps freed blocks below its mmap threshold (up to 32 MiB) in the heap, and a long run of window
+    batches fragments it: the resident size then creeps up with the length of the recording although no
+    data are kept. ``malloc_trim(0)`` returns the free pages (a few milliseconds per batch).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _check_tokenizer(tokenizer, encoder: CTCEncoder, folder) -> None:
+    pieces = int(tokenizer.get_piece_size())
+    if pieces > encoder.vocab_size:
+        raise PretrainedError(
+            f"{folder}: the tokenizer has {pieces} pieces but the model's CTC head has "
+            f"{encoder.vocab_size} outputs; tokenizer.ckpt belongs to another model"
+        )
+    if not 0 <= encoder.blank_index < encoder.vocab_size:
+        raise PretrainedError(
+            f"{folder}: blank_index {encoder.blank_index} is outside the model's {encoder.vocab_size} outputs"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# speechbrain interface with the recipe's beam search (for foreign_class)
+# --------------------------------------------------------------------------------------------------------------
+class LexiconBeamASR(EncoderASR):
+    """``EncoderASR`` that decodes like the recipe's test stage: lexicon + word-LM CTC beam search.
+
+    The folder's ``custom.py`` subclasses it as ``CustomInterface`` so that speechbrain's ``foreign_class``
+    loads it. ``transcribe_file`` reads any rate (speechbrain's audio normaliser resamples to the folder's
+    ``sample_rate``); ``transcribe_batch`` takes ``sample_rate=`` to convert waveforms at another rate.
+    """
+
+    HPARAMS_NEEDED = ["tokenizer", "decoding_function", "beam_decoder", "transcripts"]
+    MODULES_NEEDED = ["encoder"]
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.beam = self.hparams.beam_decoder(self.tokenizer, self.hparams.transcripts.sentences)
+
+    def transcribe_batch(
+        self, wavs: torch.Tensor, wav_lens: torch.Tensor, sample_rate: int | None = None
+    ) -> tuple[list[str], list[list[str]]]:
+        """Words of a batch.
+
+        Arguments
+        ---------
+        wavs : torch.Tensor
+            (B, S) waveforms at the folder's ``sample_rate`` (or at ``sample_rate``).
+        wav_lens : torch.Tensor
+            (B,) relative lengths.
+        sample_rate : int, optional
+            Rate of ``wavs`` when it is not the model's.
+
+        Returns
+        -------
+        tuple
+            The text of each row and its words.
+        """
+        expected = int(self.hparams.sample_rate)
+        if sample_rate is not None and sample_rate != expected:
+            import torchaudio.functional as AF
+
+            wavs = AF.resample(wavs.float(), int(sample_rate), expected)
+        with torch.no_grad():
+            log_probs, lengths = self.mods.encoder.log_probs(wavs.float().to(self.device), wav_lens.to(self.device))
+            words = self.beam(log_probs, lengths)
+        return [" ".join(w) for w in words], words
+
+
+def package_asr_run(
+    results_dir: str | os.PathLike, out_dir: str | os.PathLike, train_csv: str | os.PathLike | None = None
+) -> Path:
+    """Write the pretrained folder of an ASR recipe run (see :func:`lobes.inference.asr_package.package_asr_run`)."""
+    from lobes.inference.asr_package import package_asr_run as package
+
+    return package(results_dir, out_dir, train_csv)
