@@ -1,212 +1,35 @@
-"""Batched Kaldi-compatible filterbank features and length / mask utilities.
+"""Batched Kaldi-compatible filterbank features.
 
 ``kaldi_fbank`` computes ``torchaudio.compliance.kaldi.fbank`` for a whole batch ``(B, T)`` at once on
-the input's device: frames are strided views of the batch; DC removal and pre-emphasis round exactly as
-torchaudio's, and the FFT is the one ``torch.fft.rfft`` uses. On CPU with float32 input, compiled kernels
-(``lobes/csrc/fbank.c``, built on first use by :mod:`lobes._native`) do the work on
-``torch.get_num_threads()`` threads; without them, a pure-torch path goes through cache-sized blocks and
-reads the squared real and imaginary parts in place, band by band over the few FFT bins each band of
-triangular filters covers. The mel matrix and window are cached per (options, device, dtype). Rows may have
-their own lengths;
-frames past a row's end are reported by :func:`num_frames` and filled with ``padding_value``, and every
-frame inside a row equals the frame torchaudio computes for that row alone (Kaldi frames only look at
-their own samples).
-
-Length conventions used across ``lobes``:
-
-* relative lengths (SpeechBrain's ``wav_lens``) are floats in ``(0, 1]``, a fraction of the padded length;
-* absolute lengths are integer counts (samples or frames);
-* a *mask* is ``True`` where a position is valid; a *padding mask* is ``True`` where it is padding.
+the input's device, in plain torch operations: frames are strided views of the batch; DC removal and
+pre-emphasis round exactly as torchaudio's, and the FFT is ``torch.fft.rfft``. On CPU the frames go through
+cache-sized blocks of time (all rows at once), and the mel product reads the squared real and imaginary
+parts in place, band by band over the few FFT bins each band of triangular filters covers. The mel matrix
+and window are cached per (options, device, dtype). Rows may have their own lengths; frames past a row's
+end are reported by :func:`lobes.masks.num_frames` and filled with ``padding_value``, and every frame inside
+a row equals the frame torchaudio computes for that row alone (Kaldi frames only look at their own
+samples). Lengths follow the conventions of :mod:`lobes.masks`.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import torch
 from torch import Tensor
 
-from lobes import _native
+from lobes.masks import lengths_to_mask, num_frames, to_sample_lengths
 
 __all__ = [
     "KALDI_WINDOW_TYPES",
     "kaldi_fbank",
-    "lengths_to_mask",
-    "lengths_to_padding_mask",
-    "num_frames",
-    "relative_to_absolute",
-    "to_sample_lengths",
 ]
 
 KALDI_WINDOW_TYPES = ("hamming", "hanning", "povey", "rectangular", "blackman")
 
 # numeric_limits<float>::epsilon(), the floor Kaldi (and torchaudio) put under the mel energies
 _EPSILON = torch.finfo(torch.float32).eps
-
-
-# --------------------------------------------------------------------------------------------------
-# length / mask utilities
-# --------------------------------------------------------------------------------------------------
-def relative_to_absolute(wav_lens: Tensor, max_len: int) -> Tensor:
-    """Convert relative lengths in ``(0, 1]`` to integer lengths (rounded, like SpeechBrain).
-
-    Arguments
-    ---------
-    wav_lens : torch.Tensor
-        Relative lengths, shape ``(B,)``, floating point, each in ``(0, 1]``.
-    max_len : int
-        The padded length the fractions refer to.
-
-    Returns
-    -------
-    torch.Tensor
-        ``(B,)`` int64 lengths in ``[0, max_len]``.
-
-    Example
-    -------
-    >>> relative_to_absolute(torch.tensor([1.0, 0.5, 0.25]), 16000)
-    tensor([16000,  8000,  4000])
-    """
-    if not torch.is_tensor(wav_lens) or not wav_lens.is_floating_point():
-        raise TypeError("relative lengths must be a floating-point tensor of shape (B,) with values in (0, 1]")
-    return torch.round(wav_lens.double() * max_len).long().clamp_(0, max_len)
-
-
-def to_sample_lengths(lengths: Tensor | None, batch: int, max_len: int, device=None) -> Tensor:
-    """Normalise a lengths argument to integer sample counts.
-
-    A floating-point tensor is read as relative lengths in ``(0, 1]``; an integer tensor as absolute
-    counts in ``[0, max_len]``; ``None`` means every row is ``max_len`` long.
-
-    Arguments
-    ---------
-    lengths : torch.Tensor or None
-        ``(B,)`` relative (float) or absolute (integer) lengths.
-    batch : int
-        Expected batch size ``B``.
-    max_len : int
-        Padded length ``T``.
-    device : torch.device, optional
-        Device of the result (default: that of ``lengths``, or CPU).
-
-    Returns
-    -------
-    torch.Tensor
-        ``(B,)`` int64 lengths.
-
-    Example
-    -------
-    >>> to_sample_lengths(torch.tensor([1.0, 0.5]), 2, 800)
-    tensor([800, 400])
-    >>> to_sample_lengths(torch.tensor([800, 123]), 2, 800)
-    tensor([800, 123])
-    """
-    if lengths is None:
-        return torch.full((batch,), max_len, dtype=torch.long, device=device)
-    if not torch.is_tensor(lengths):
-        raise TypeError(f"lengths must be a tensor of shape ({batch},), got {type(lengths).__name__}")
-    if lengths.dim() != 1 or lengths.shape[0] != batch:
-        raise ValueError(f"lengths must have shape ({batch},) (one per row), got {tuple(lengths.shape)}")
-    if lengths.is_floating_point():
-        if not torch.isfinite(lengths).all() or (lengths <= 0).any() or (lengths > 1.0 + 1e-6).any():
-            raise ValueError(
-                "relative lengths must lie in (0, 1] (a fraction of the padded length), got "
-                f"{lengths.tolist()}; pass an integer tensor for lengths in samples"
-            )
-        out = relative_to_absolute(lengths, max_len)
-    elif lengths.dtype == torch.bool or lengths.is_complex():
-        raise TypeError(f"lengths must be float (relative) or integer (absolute), got {lengths.dtype}")
-    else:
-        if (lengths < 0).any() or (lengths > max_len).any():
-            raise ValueError(f"absolute lengths must lie in [0, {max_len}], got {lengths.tolist()}")
-        out = lengths.long()
-    return out if device is None else out.to(device)
-
-
-def num_frames(num_samples: Tensor | int, window_size: int = 400, window_shift: int = 160) -> Tensor | int:
-    """Number of Kaldi frames (``snip_edges=True``) in ``num_samples`` samples.
-
-    Arguments
-    ---------
-    num_samples : torch.Tensor or int
-        Sample counts (any shape) or one count.
-    window_size : int
-        Frame length in samples (400 = 25 ms at 16 kHz).
-    window_shift : int
-        Frame shift in samples (160 = 10 ms at 16 kHz).
-
-    Returns
-    -------
-    torch.Tensor or int
-        Frame counts, ``0`` where fewer than ``window_size`` samples.
-
-    Example
-    -------
-    >>> num_frames(torch.tensor([0, 399, 400, 16000]))
-    tensor([ 0,  0,  1, 98])
-    """
-    if torch.is_tensor(num_samples):
-        n = num_samples.long()
-        return torch.where(n >= window_size, 1 + torch.div(n - window_size, window_shift, rounding_mode="floor"), 0)
-    return 0 if num_samples < window_size else 1 + (num_samples - window_size) // window_shift
-
-
-def lengths_to_mask(lengths: Tensor, max_len: int | None = None) -> Tensor:
-    """Boolean mask ``(B, max_len)``, ``True`` at valid positions.
-
-    Arguments
-    ---------
-    lengths : torch.Tensor
-        ``(B,)`` lengths, integer or float (rounded to the nearest integer).
-    max_len : int, optional
-        Width of the mask (default: ``lengths.max()``).
-
-    Returns
-    -------
-    torch.Tensor
-        ``(B, max_len)`` bool.
-
-    Example
-    -------
-    >>> lengths_to_mask(torch.tensor([3, 1]), 4)
-    tensor([[ True,  True,  True, False],
-            [ True, False, False, False]])
-    """
-    if lengths.dim() != 1:
-        raise ValueError(f"expected lengths of shape (B,), got {tuple(lengths.shape)}")
-    if lengths.is_floating_point():  # absolute lengths derived from relative ones carry rounding error
-        lengths = lengths.round().long()
-    if max_len is None:
-        max_len = int(lengths.max()) if lengths.numel() else 0
-    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
-
-
-def lengths_to_padding_mask(lengths: Tensor, max_len: int | None = None) -> Tensor:
-    """Boolean padding mask ``(B, max_len)``, ``True`` at padded positions (the complement of
-    :func:`lengths_to_mask`).
-
-    Arguments
-    ---------
-    lengths : torch.Tensor
-        ``(B,)`` lengths, integer or float (rounded to the nearest integer).
-    max_len : int, optional
-        Width of the mask (default: ``lengths.max()``).
-
-    Returns
-    -------
-    torch.Tensor
-        ``(B, max_len)`` bool.
-
-    Example
-    -------
-    >>> lengths_to_padding_mask(torch.tensor([3, 1]), 4).shape
-    torch.Size([2, 4])
-    """
-    return ~lengths_to_mask(lengths, max_len)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,8 +40,7 @@ def _mel(freq):
 
 
 @lru_cache(maxsize=32)
-def _mel_matrix_cpu(num_bins: int, padded: int, sample_frequency: float, low_freq: float,
-                    high_freq: float) -> Tensor:
+def _mel_matrix_cpu(num_bins: int, padded: int, sample_frequency: float, low_freq: float, high_freq: float) -> Tensor:
     """Triangular mel filters ``(padded // 2 + 1, num_bins)`` as Kaldi builds them (last FFT bin unused)."""
     nyquist = 0.5 * sample_frequency
     if high_freq <= 0.0:
@@ -263,9 +85,6 @@ def _window_cpu(window_type: str, size: int, blackman_coeff: float, dtype: torch
 
 _DEVICE_CACHE: dict = {}
 _FBANK_BLOCK_FRAMES = 2048  # frames (all rows together) per block of the CPU fbank
-_NATIVE_BLOCK_FRAMES = 512  # per block of the native path without MKL: buffers stay in one core's L2 cache
-_NATIVE_FFT_BATCH = 64  # frames per FFT call of the fused native path
-_NATIVE_MIN_FRAMES_PER_THREAD = 512  # smaller inputs are not worth handing to other threads
 
 
 def _cached(kind: str, key: tuple, device: torch.device, dtype: torch.dtype, build) -> Tensor:
@@ -314,7 +133,7 @@ def _mel_bands_cpu(mel_key: tuple, dtype: torch.dtype = torch.float32, bins_per_
     mel = _mel_matrix_cpu(*mel_key)[: padded // 2]
     bands = []
     for b0 in range(0, num_bins, bins_per_band):
-        weights = mel[:, b0: b0 + bins_per_band]
+        weights = mel[:, b0 : b0 + bins_per_band]
         rows = weights.ne(0).any(dim=1).nonzero().flatten()
         lo, hi = (int(rows.min()), int(rows.max()) + 1) if rows.numel() else (0, 1)
         bands.append((2 * lo, 2 * hi, weights[lo:hi].repeat_interleave(2, dim=0).to(dtype).contiguous()))
@@ -352,8 +171,9 @@ def _block_spectrum(frames, buf, scratch, m0, m1, window, remove_dc_offset, pree
     return torch.fft.rfft(buf[:, :n])  # a fresh result: rfft(out=...) costs an extra copy on CPU
 
 
-def _fbank_blocks_dense(frames, feats, window, mel, padded, remove_dc_offset, preemph, use_power, use_log,
-                        step) -> None:
+def _fbank_blocks_dense(
+    frames, feats, window, mel, padded, remove_dc_offset, preemph, use_power, use_log, step
+) -> None:
     """``feats`` (B, M, bins) from ``frames`` (B, M, window): one dense mel product per block of frames."""
     buf, scratch = _fbank_buffers(frames, step, padded)
     M = frames.shape[1]
@@ -398,135 +218,7 @@ def _fbank_blocks_banded(frames, feats, window, bands, padded, remove_dc_offset,
         else:
             for i, (_, _, weights) in enumerate(bands):
                 w = weights.shape[1]
-                target[..., i * width: i * width + w].copy_(block[i, :, :w].view(B, n, w))
-
-
-@lru_cache(maxsize=32)
-def _mel_sparse_cpu(mel_key: tuple) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The mel matrix as one run of FFT bins per filter, for the native kernel: ``(lo, len, off, weights)``
-    with filter ``j`` covering bins ``lo[j] : lo[j] + len[j]`` with weights ``weights[off[j]:][:len[j]]``
-    (float32, rounded from the same float64 matrix as the torch path's)."""
-    padded = mel_key[1]
-    mel = _mel_matrix_cpu(*mel_key)[: padded // 2]
-    lo, length, off, weights, total = [], [], [], [], 0
-    for j in range(mel.shape[1]):
-        rows = mel[:, j].ne(0).nonzero().flatten()
-        a, b = (int(rows.min()), int(rows.max()) + 1) if rows.numel() else (0, 0)  # low filters can be empty
-        lo.append(a)
-        length.append(b - a)
-        off.append(total)
-        weights.append(mel[a:b, j])
-        total += b - a
-    as_int = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
-    return as_int(lo), as_int(length), as_int(off), torch.cat(weights).to(torch.float32).contiguous()
-
-
-_POOL_LOCK = threading.Lock()
-_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
-
-
-def _single_threaded() -> None:
-    """Make torch single-threaded in this (new) thread for good. A thread's first parallel op reads the
-    process-wide thread count once and sets its own from it; the fill below is that first op, run while the
-    count is 1, so the calling thread putting its own count back later does not reach this thread."""
-    torch.set_num_threads(1)
-    torch.empty(1 << 17).fill_(0.0)
-    torch.set_num_threads(1)
-
-
-def _fbank_pool(workers: int) -> ThreadPoolExecutor:
-    """Threads for the native fbank, each running torch with one intra-op thread (two threads that each
-    start OpenMP teams of the default size oversubscribe the cores and slow the whole process down).
-
-    ``torch.set_num_threads`` in a new thread also resets process-wide defaults, so the calling thread's
-    setting is put back once every worker has started. A pool created before a ``fork`` is not reused.
-    """
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < workers:
-            if _POOL is not None and _POOL[0] == os.getpid():
-                _POOL[2].shutdown(wait=False)
-            threads = torch.get_num_threads()
-            pool = ThreadPoolExecutor(workers, thread_name_prefix="lobes-fbank", initializer=_single_threaded)
-            started = threading.Barrier(workers)
-            list(pool.map(lambda _: started.wait(timeout=60), range(workers)))  # start them all now
-            torch.set_num_threads(threads)
-            _POOL = (os.getpid(), workers, pool)
-        return _POOL[2]
-
-
-def _fbank_native(lib, src: Tensor, row_stride: int, frame_stride: int, frames: Tensor, feats: Tensor,
-                  window: Tensor, mel_key: tuple, padded: int, remove_dc_offset: bool, preemph: float,
-                  use_power: bool, use_log: bool) -> None:
-    """``feats`` (B, M, bins) with the compiled kernels (``lobes/csrc/fbank.c``).
-
-    The (rows, frames) grid is cut into one part per thread (``torch.get_num_threads()``; by rows when there
-    are enough, else by time), so that each thread reads and writes its own memory. In each part, the frames'
-    means come from torch's ``mean`` (the reduction, hence the rounding, torchaudio uses), then:
-
-    * fused path (torch built with MKL, and MKL's FFT called directly gives ``torch.fft.rfft``'s results bit
-      for bit, checked once per FFT length): one kernel call runs the frames through pre-processing, FFT and
-      mel filters ``_NATIVE_FFT_BATCH`` frames at a time, in buffers that stay in the core's cache;
-    * otherwise, blocks of about ``_NATIVE_BLOCK_FRAMES`` frames: one kernel writes the DC-free,
-      pre-emphasised, windowed frames with torchaudio's rounding, ``torch.fft.rfft`` transforms them, a
-      second kernel applies the mel filters.
-
-    Both write the (floored, logged) mel energies straight into ``feats``.
-    """
-    B, M, window_size = frames.shape
-    lo, length, off, weights = _mel_sparse_cpu(mel_key)
-    nbins, nfilt = padded // 2, feats.shape[-1]
-    itemsize = src.element_size()
-    filters = (lo.data_ptr(), length.data_ptr(), off.data_ptr(), weights.data_ptr(), 0 if use_power else 1,
-               1 if use_log else 0)
-
-    def part_means(b0: int, b1: int, f0: int, f1: int) -> Tensor | None:
-        return frames[b0:b1, f0:f1].mean(dim=-1) if remove_dc_offset else None  # (rows, f1 - f0), contiguous
-
-    def run_fused(b0: int, b1: int, f0: int, f1: int) -> None:
-        work = src.new_empty((int(lib.lobes_fbank_part_workspace(padded, nfilt, _NATIVE_FFT_BATCH)),))
-        means = part_means(b0, b1, f0, f1)
-        status = lib.lobes_fbank_part(
-            src.data_ptr() + (b0 * row_stride + f0 * frame_stride) * itemsize, row_stride, frame_stride, b1 - b0,
-            f1 - f0, window_size, None if means is None else means.data_ptr(), preemph, window.data_ptr(), padded,
-            nfilt, *filters, feats.data_ptr() + (b0 * M + f0) * nfilt * itemsize, M * nfilt, nfilt,
-            _NATIVE_FFT_BATCH, work.data_ptr())
-        if status != 0:
-            raise RuntimeError(f"kaldi_fbank: MKL's FFT failed (DFTI status {status})")
-
-    def run_blocks(b0: int, b1: int, f0: int, f1: int) -> None:
-        rows_in_part = b1 - b0
-        step = max(1, min(f1 - f0, _NATIVE_BLOCK_FRAMES // rows_in_part))
-        buf = src.new_zeros((rows_in_part * step, padded))  # FFT zero padding: the tail is never written
-        work = src.new_empty((int(lib.lobes_fbank_mel_workspace(nbins, nfilt)),))
-        means = part_means(b0, b1, f0, f1)
-        base = src.data_ptr() + b0 * row_stride * itemsize
-        out = feats.data_ptr() + b0 * M * nfilt * itemsize
-        for m0 in range(f0, f1, step):
-            n = min(f1, m0 + step) - m0
-            rows = rows_in_part * n
-            lib.lobes_fbank_frames(base + m0 * frame_stride * itemsize, row_stride, frame_stride, n, 0, rows,
-                                   window_size, None if means is None else means.data_ptr() + (m0 - f0) * itemsize,
-                                   f1 - f0, preemph, window.data_ptr(), buf.data_ptr(), padded)
-            spec = torch.fft.rfft(buf[:rows])  # (rows, padded/2 + 1) complex64, contiguous
-            lib.lobes_fbank_mel(spec.data_ptr(), 2 * spec.shape[-1], nbins, nfilt, *filters,
-                                out + m0 * nfilt * itemsize, M * nfilt, nfilt, n, 0, rows, work.data_ptr())
-
-    run = run_fused if _native.fft_matches_torch(lib, padded) else run_blocks
-    workers = min(torch.get_num_threads(), max(1, B * M // _NATIVE_MIN_FRAMES_PER_THREAD))
-    if workers <= 1:
-        run(0, B, 0, M)
-        return
-    if B >= workers:
-        cuts = [B * k // workers for k in range(workers + 1)]
-        parts = [(cuts[k], cuts[k + 1], 0, M) for k in range(workers)]
-    else:
-        workers = min(workers, M)
-        cuts = [M * k // workers for k in range(workers + 1)]
-        parts = [(0, B, cuts[k], cuts[k + 1]) for k in range(workers)]
-    pool = _fbank_pool(workers)
-    for future in [pool.submit(run, *part) for part in parts]:
-        future.result()
+                target[..., i * width : i * width + w].copy_(block[i, :, :w].view(B, n, w))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -638,28 +330,46 @@ round_to_power_of_two, subtract_mean : see ``torchaudio.compliance.kaldi.fbank``
 
     with torch.autocast(device.type, enabled=False):
         x = waveforms.to(dtype).contiguous()
-        window = _cached("window", (window_type, window_size, blackman_coeff), device, dtype,
-                         lambda: _window_cpu(window_type, window_size, blackman_coeff, dtype))
+        window = _cached(
+            "window",
+            (window_type, window_size, blackman_coeff),
+            device,
+            dtype,
+            lambda: _window_cpu(window_type, window_size, blackman_coeff, dtype),
+        )
         frames = x.unfold(1, window_size, window_shift)  # (B, M, window) strided view, no copy
         if dither != 0.0:  # Gaussian noise added to each frame's samples, as Kaldi does (materialises the frames)
             frames = frames + torch.randn_like(frames) * dither
         mel_key = (num_mel_bins, padded, float(sample_frequency), float(low_freq), float(high_freq))
         feats = x.new_empty((B, M, num_mel_bins))
         step = M if device.type != "cpu" else max(1, min(M, _FBANK_BLOCK_FRAMES // B))
-        lib = _native.fbank_library() if device.type == "cpu" and dtype == torch.float32 else None
-        if lib is not None:
-            src = frames.contiguous() if dither != 0.0 else x  # dithered frames: materialised (B, M, window)
-            row_stride, frame_stride = (M * window_size, window_size) if dither != 0.0 else (T, window_shift)
-            _fbank_native(lib, src, row_stride, frame_stride, frames, feats, window, mel_key, padded,
-                          remove_dc_offset, preemphasis_coefficient, use_power, use_log_fbank)
-        elif device.type == "cpu" and use_power:
-            _fbank_blocks_banded(frames, feats, window, _mel_bands_cpu(mel_key, dtype), padded, remove_dc_offset,
-                                 preemphasis_coefficient, use_log_fbank, step)
+        if device.type == "cpu" and use_power:
+            _fbank_blocks_banded(
+                frames,
+                feats,
+                window,
+                _mel_bands_cpu(mel_key, dtype),
+                padded,
+                remove_dc_offset,
+                preemphasis_coefficient,
+                use_log_fbank,
+                step,
+            )
         else:  # magnitudes (sqrt(re² + im²) must be formed first), or another device: one dense mel product
             # the Nyquist bin carries no mel weight and is skipped
             mel = _cached("mel", mel_key, device, dtype, lambda: _mel_matrix_cpu(*mel_key)[: padded // 2])
-            _fbank_blocks_dense(frames, feats, window, mel, padded, remove_dc_offset, preemphasis_coefficient,
-                                use_power, use_log_fbank, step)
+            _fbank_blocks_dense(
+                frames,
+                feats,
+                window,
+                mel,
+                padded,
+                remove_dc_offset,
+                preemphasis_coefficient,
+                use_power,
+                use_log_fbank,
+                step,
+            )
         if sample_lens is not None:
             valid = lengths_to_mask(num_frames(sample_lens, window_size, window_shift), M)  # (B, M)
             if subtract_mean:

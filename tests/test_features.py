@@ -4,8 +4,8 @@ import pytest
 import torch
 import torchaudio.compliance.kaldi as ta_kaldi
 
-from lobes.features import (
-    kaldi_fbank,
+from lobes.features import kaldi_fbank
+from lobes.masks import (
     lengths_to_mask,
     lengths_to_padding_mask,
     num_frames,
@@ -137,6 +137,55 @@ def test_half_precision_and_autocast_stay_float32():
     assert (auto - ref).abs().max() < 1e-5
     half = kaldi_fbank((wav / 2**15).bfloat16() * 2**15, **BEATS_OPTS)
     assert half.dtype == torch.float32
+
+
+def test_rows_longer_than_a_block_match_torchaudio():
+    # the CPU path goes through blocks of 2048 frames (all rows together): 3 rows of 1248 frames take two
+    # blocks of 682 and 566 frames, one row of 2498 frames two blocks of 2048 and 450
+    for batch, samples in ((3, 200000), (1, 400000)):
+        wav = _audio(batch, samples, seed=8)
+        ours = kaldi_fbank(wav, **BEATS_OPTS)
+        ref = _reference(wav, **BEATS_OPTS)
+        assert ours.shape == ref.shape
+        assert (ours - ref).abs().max() < TOL
+
+
+@pytest.fixture
+def threads():
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("batch, samples", [(8, 64000), (1, 400000), (3, 2000)])
+def test_thread_count_does_not_change_the_result(threads, batch, samples):
+    wav = _audio(batch, samples, seed=9)
+    lengths = torch.linspace(1.0, 0.5, batch)
+    threads(1)
+    one = kaldi_fbank(wav, lengths, **BEATS_OPTS)
+    threads(2)
+    two = kaldi_fbank(wav, lengths, **BEATS_OPTS)
+    assert (one - two).abs().max() < 1e-5
+
+
+def test_nan_and_inf_propagate_like_torchaudio():
+    wav = _audio(2, 8000, seed=10)
+    wav[0, 1000] = float("nan")
+    wav[1, 5000] = float("inf")
+    ours = kaldi_fbank(wav, num_mel_bins=40)
+    ref = _reference(wav, num_mel_bins=40)
+    assert ours.isnan().any() and torch.equal(ours.isnan(), ref.isnan())
+    assert torch.equal(ours.isinf(), ref.isinf())
+    finite = ours.isfinite() & ref.isfinite()
+    assert finite.any() and (ours[finite] - ref[finite]).abs().max() < TOL
+
+
+def test_waveforms_that_require_grad_are_refused():
+    wav = _audio(1, 4000).requires_grad_()
+    with pytest.raises(ValueError, match="not differentiable"):
+        kaldi_fbank(wav, **BEATS_OPTS)
+    with torch.no_grad():
+        assert kaldi_fbank(wav, **BEATS_OPTS).shape == (1, 23, 128)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
