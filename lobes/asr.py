@@ -180,6 +180,11 @@ class ConvFrontEnd(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.output_size = freq * in_ch
 
+    @property
+    def subsampling(self) -> int:
+        """Input frames per output frame: ``2 ** len(channels)``."""
+        return 2 ** len(self.convs)
+
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, F) features and (B,) valid frames -> (B, T', C*F') and (B,) valid frames."""
         if feats.dim() != 3 or feats.shape[-1] != self.n_mels:
@@ -279,7 +284,8 @@ class ASRModel(nn.Module):
     decoder : AttentionDecoder, optional
         Attention decoder for joint CTC/attention training.
     sample_rate : int
-        Expected sample rate of the waveforms.
+        Rate of the waveforms the fbank is set for (recorded as :attr:`sample_rate`; :meth:`features` and
+        :meth:`forward` refuse waveforms said to be at another rate).
     n_fft : int
         FFT size of the fbank (25 ms at 16 kHz by default); the hop is 10 ms.
     frontend_dropout : float, optional
@@ -294,9 +300,16 @@ class ASRModel(nn.Module):
     >>> model = ASRModel(hyperconformer_encoder(1, 16, 32, 2, kernel_size=3), vocab_size=10, d_model=16)
     >>> feats, lens = model.features(torch.rand(2, 8000), torch.tensor([1.0, 0.5]))
     >>> enc, enc_lens = model.encode(feats, lens)
-    >>> model.ctc_log_probs(enc).shape, enc_lens.tolist()
-    (torch.Size([2, 13, 10]), [13, 7])
+    >>> model.ctc_log_probs(enc).shape, enc_lens.tolist(), model.frame_samples
+    (torch.Size([2, 13, 10]), [13, 7], 640)
+    >>> model(torch.rand(1, 8000), torch.ones(1), sample_rate=44100)
+    Traceback (most recent call last):
+    ...
+    ValueError: expected 16000 Hz audio, got 44100 Hz
     """
+
+    norm_eps: float = 1e-5
+    """Variance floor of the feature normalisation."""
 
     def __init__(self, encoder: Encoder, vocab_size: int, d_model: int, n_mels: int = 80,
                  frontend_channels: Sequence[int] = (64, 32), dropout: float = 0.1,
@@ -321,29 +334,78 @@ class ASRModel(nn.Module):
             raise AttributeError("this ASRModel has no attention decoder")
         return self.decoder.seq_lin
 
-    def features(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def frame_samples(self) -> int:
+        """Waveform samples per encoder frame: the fbank hop times the front-end's subsampling (40 ms)."""
+        return self.hop_length * self.frontend.subsampling
+
+    def check_sample_rate(self, sample_rate: Optional[int]) -> None:
+        """Raise a ``ValueError`` when ``sample_rate`` (if given) is not the rate the model is set for."""
+        if sample_rate is not None and int(sample_rate) != self.sample_rate:
+            raise ValueError(f"expected {self.sample_rate} Hz audio, got {int(sample_rate)} Hz")
+
+    def fbank(self, wavs: torch.Tensor) -> torch.Tensor:
+        """(B, S) waveforms -> (B, S // hop + 1, n_mels) fbank, float32 (also under autocast), not normalised."""
+        with torch.autocast(wavs.device.type, enabled=False):
+            return self.compute_fbank(wavs.float())
+
+    def features(self, wavs: torch.Tensor, wav_lens: torch.Tensor,
+                 stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                 sample_rate: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, S) waveforms and (B,) relative lengths -> (B, T, n_mels) normalised fbank and (B,) frames.
 
-        Each utterance is normalised with the mean and standard deviation of its own valid frames; padded
-        frames are zero.
+        Arguments
+        ---------
+        wavs : torch.Tensor
+            (B, S) waveforms.
+        wav_lens : torch.Tensor
+            (B,) relative lengths.
+        stats : (torch.Tensor, torch.Tensor), optional
+            (n_mels,) mean and variance to normalise every row with (see :meth:`normalise`).
+        sample_rate : int, optional
+            Rate of ``wavs``; a ``ValueError`` when it is not :attr:`sample_rate`.
+
+        Returns
+        -------
+        tuple
+            (B, T, n_mels) features (float32, padded frames zero) and (B,) valid frames.
         """
+        self.check_sample_rate(sample_rate)
         if wavs.dim() != 2:
             raise ValueError(f"expected waveforms of shape (B, samples), got {tuple(wavs.shape)}")
         if wav_lens.shape != wavs.shape[:1]:
             raise ValueError(f"expected wav_lens of shape ({wavs.shape[0]},), got {tuple(wav_lens.shape)}")
         samples = relative_to_absolute(wav_lens.float(), wavs.shape[1])
         lengths = torch.div(samples, self.hop_length, rounding_mode="floor") + 1  # centred frames
-        with torch.autocast(wavs.device.type, enabled=False):
-            return self._normalised_fbank(wavs.float(), lengths)
+        return self.normalise(self.fbank(wavs), lengths, stats)
 
-    def _normalised_fbank(self, wavs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self.compute_fbank(wavs)  # (B, T, F)
-        lengths = lengths.clamp(max=feats.shape[1])
-        keep = lengths_to_mask(lengths, feats.shape[1]).unsqueeze(-1).to(feats.dtype)  # (B, T, 1)
-        n = lengths.view(-1, 1, 1).to(feats.dtype)
-        mean = (feats * keep).sum(1, keepdim=True) / n
-        var = (((feats - mean) * keep) ** 2).sum(1, keepdim=True) / n
-        return (feats - mean) / torch.sqrt(var + 1e-5) * keep, lengths
+    def normalise(self, feats: torch.Tensor, lengths: torch.Tensor,
+                  stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean/variance normalisation of (B, T, F) fbank with (B,) valid frames; padded frames become zero.
+
+        Each row is normalised with the mean and variance of its own valid frames, or with ``stats``, a
+        (F,) mean and variance given for every row (e.g. those of a whole recording cut into windows).
+        Returns the features and the frame counts clamped to T.
+
+        Example
+        -------
+        >>> from lobes.conformer import hyperconformer_encoder
+        >>> model = ASRModel(hyperconformer_encoder(1, 16, 32, 2, kernel_size=3), vocab_size=10, d_model=16)
+        >>> feats, lens = model.normalise(torch.rand(2, 50, 80), torch.tensor([50, 20]))
+        >>> bool(feats[0].mean(0).abs().max() < 1e-4), feats[1, 20:].abs().sum().item(), lens.tolist()
+        (True, 0.0, [50, 20])
+        """
+        with torch.autocast(feats.device.type, enabled=False):
+            feats = feats.float()
+            lengths = lengths.clamp(max=feats.shape[1])
+            keep = lengths_to_mask(lengths, feats.shape[1]).unsqueeze(-1).to(feats.dtype)  # (B, T, 1)
+            if stats is None:
+                n = lengths.view(-1, 1, 1).to(feats.dtype)
+                mean = (feats * keep).sum(1, keepdim=True) / n  # (B, 1, F)
+                var = (((feats - mean) * keep) ** 2).sum(1, keepdim=True) / n
+            else:
+                mean, var = (s.to(feats) for s in stats)  # (F,)
+            return (feats - mean) / torch.sqrt(var + self.norm_eps) * keep, lengths
 
     def encode(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, n_mels) features and (B,) frames -> (B, T/4, D) encoder output and (B,) valid frames."""
@@ -371,7 +433,7 @@ class ASRModel(nn.Module):
         return self.decoder(tokens, enc, enc_lens.round().long())
 
     def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor, tokens_bos: Optional[torch.Tensor] = None,
-                feature_augment: Optional[Callable] = None,
+                feature_augment: Optional[Callable] = None, sample_rate: Optional[int] = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Run the whole model.
 
@@ -386,13 +448,15 @@ class ASRModel(nn.Module):
         feature_augment : Callable, optional
             Applied to the normalised features as ``feature_augment(feats, relative_lengths)`` (e.g. a
             speechbrain ``Augmenter`` of ``SpectrogramDrop``); must keep their shape.
+        sample_rate : int, optional
+            Rate of ``wavs``; a ``ValueError`` when it is not :attr:`sample_rate`.
 
         Returns
         -------
         tuple
             CTC log-probs (B, T', V), (B,) valid frames, decoder log-probs (B, U, V) or ``None``.
         """
-        feats, lengths = self.features(wavs, wav_lens)
+        feats, lengths = self.features(wavs, wav_lens, sample_rate=sample_rate)
         if feature_augment is not None:
             augmented = feature_augment(feats, lengths.float() / feats.shape[1])
             augmented = augmented[0] if isinstance(augmented, tuple) else augmented

@@ -76,6 +76,7 @@ from lobes.inputs import (
     fingerprint,
     length_batches,
     parse_shard,
+    resolve_device,
     write_csv,
 )
 from lobes.io import atomic_open, atomic_write_text, load_audio
@@ -121,31 +122,6 @@ def _check_output(output: Path) -> None:
         raise UsageError(f"--output {output}: {parent} is a file, so the folder cannot be created")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"--output {output}: no permission to write in {parent}")
-
-
-def _check_device(text: str) -> torch.device:
-    """``--device`` as a torch device that exists on this machine."""
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError) as exc:
-        raise UsageError(f"--device {text!r}: not a torch device ({exc}); expected e.g. cpu, cuda or cuda:0") from None
-    if device.type == "cpu":
-        return device
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(
-                f"--device {text}: torch sees no CUDA GPU on this machine "
-                "(torch.cuda.is_available() is False); use --device cpu"
-            )
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise UsageError(f"--device {text}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
-        return device
-    backend = getattr(torch.backends, device.type, None) or getattr(torch, device.type, None)
-    available = getattr(backend, "is_available", None)
-    if available is None or not available():
-        raise UsageError(f"--device {text}: no {device.type} device is available here; use --device cpu")
-    return device
 
 
 def _collect(args: argparse.Namespace, shard: tuple[int, int]) -> tuple[list[AudioInput], list[tuple[str, str]]]:
@@ -203,7 +179,7 @@ def _prepare(args: argparse.Namespace) -> _Plan:
     """
     output = Path(args.output)
     _check_output(output)
-    device = _check_device(args.device)
+    device = resolve_device(args.device, option="--device")
     shard = parse_shard(args.shard)
     parse_layer(args.layer)
     if args.tags < 0:
@@ -521,7 +497,7 @@ def _build_parser() -> argparse.ArgumentParser:
         choices=["fp32", "bf16"],
         help="compute precision (outputs are always saved as float32)",
     )
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    parser.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N or another torch device")
     parser.add_argument(
         "--batch-seconds",
         type=float,

@@ -1,5 +1,5 @@
 """What the project's commands share: finding the audio inputs, batching them by length, exit codes, run
-settings that a resumed run must match.
+settings that a resumed run must match, the ``--device`` they run on.
 
 ``python -m lobes.extract``, ``lobes.transcribe`` and ``lobes.classify`` all take files, folders
 (searched recursively) or CSV manifests, batch the inputs by duration, report unreadable files with a
@@ -27,6 +27,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import torch
+
 from lobes.io import AudioError, atomic_write_text, audio_duration
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "fingerprint",
     "length_batches",
     "parse_shard",
+    "resolve_device",
     "write_csv",
 ]
 
@@ -253,6 +256,63 @@ def parse_shard(text: str | None, env: Mapping[str, str] | None = None) -> tuple
     if not 0 <= rank < world:
         raise UsageError(f"RANK={rank} outside WORLD_SIZE={world}")
     return index * world + rank, count * world
+
+
+def resolve_device(device: str | torch.device | None = "auto", option: str = "device") -> torch.device:
+    """The torch device a command or loader runs on, checked to exist on this machine.
+
+    Arguments
+    ---------
+    device : str, torch.device or None
+        ``auto`` (or ``None``: the GPU when torch sees one, else the CPU), ``cpu``, ``cuda``, ``cuda:N``, or
+        another torch device type whose backend is available here (``mps``, ``xpu``, ...).
+    option : str
+        How the setting is named in messages: ``--device`` for a command-line option, ``device`` for an
+        argument.
+
+    Returns
+    -------
+    torch.device
+
+    Raises
+    ------
+    UsageError
+        Not a torch device, a CUDA device on a machine where torch sees no GPU (or not that many), or a
+        backend that is not available here; the message names the device.
+
+    Example
+    -------
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    >>> resolve_device("gpu0", option="--device")
+    Traceback (most recent call last):
+    ...
+    lobes.inputs.UsageError: --device 'gpu0': not a torch device; expected auto, cpu, cuda or cuda:N
+    """
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = f"{option} {device}"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"{option} {str(device)!r}: not a torch device; expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"{name}: torch sees no CUDA GPU on this machine (torch.cuda.is_available() is False); "
+                f"use {option} cpu or auto"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise UsageError(f"{name}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+        return dev
+    backend = getattr(torch.backends, dev.type, None) or getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise UsageError(f"{name}: no {dev.type} device is available here; use {option} cpu or auto")
+    return dev
 
 
 def fingerprint(path: str | os.PathLike | None) -> str | None:

@@ -25,6 +25,7 @@ import sys
 from typing import Sequence
 
 from lobes.inference.cli import build_parser, run_command
+from lobes.inputs import UsageError
 
 __all__ = ["main"]
 
@@ -45,12 +46,8 @@ class _TranscribeTask:
                 context_seconds=args.context_seconds,
             )
         except ValueError as exc:  # PretrainedError is a UsageError (a ValueError): exit 2 either way
-            from lobes.inputs import UsageError
-
             raise UsageError(str(exc)) from None
         if args.decoder == "beam" and self.transcriber.beam_decoder is None:
-            from lobes.inputs import UsageError
-
             raise UsageError(f"--decoder beam: {args.model} has no lexicon / language model; use --decoder greedy")
 
     def settings(self) -> dict:
@@ -61,7 +58,7 @@ class _TranscribeTask:
         }
 
     def process(self, files):
-        from lobes.inference.common import audio_sources
+        from lobes.inference.sources import audio_sources
 
         results: list = [None] * len(files)
         sources, where = [], []

@@ -1,6 +1,8 @@
-"""ASR model: front-end lengths, padding invariance of the whole model, presets, decoding with speechbrain's searchers."""
+"""ASR model: front-end lengths, padding invariance of the whole model, sample rate and feature statistics,
+presets, decoding with speechbrain's searchers."""
 
 import functools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,7 @@ def test_frontend_lengths_match_output(frames):
     fe = ConvFrontEnd(40, channels=(4, 4))
     out, lens = fe(torch.randn(1, frames, 40), torch.tensor([frames]))
     assert out.shape == (1, lens.item(), fe.output_size)
-    assert lens.item() == -(-(-(-frames // 2)) // 2)  # ceil(ceil(T / 2) / 2)
+    assert lens.item() == math.ceil(math.ceil(frames / 2) / 2)
 
 
 def test_frontend_rejects_wrong_mel_count():
@@ -70,6 +72,38 @@ def test_model_rejects_bad_input():
         model(torch.randn(2, 16000), torch.ones(3))
     with pytest.raises(RuntimeError, match="no attention decoder"):
         model(torch.randn(1, 16000), torch.ones(1), tokens_bos=torch.ones(1, 3, dtype=torch.long))
+
+
+def test_model_checks_the_sample_rate_it_is_given():
+    model = _tiny_model()
+    assert model.sample_rate == 16000 and model.frame_samples == 160 * 4
+    with pytest.raises(ValueError, match="expected 16000 Hz audio, got 44100 Hz"):
+        model(torch.randn(1, 16000), torch.ones(1), sample_rate=44100)
+    with pytest.raises(ValueError, match="expected 16000 Hz audio, got 8000 Hz"):
+        model.features(torch.randn(1, 16000), torch.ones(1), sample_rate=8000)
+    model(torch.randn(1, 16000), torch.ones(1), sample_rate=16000)
+    eight_k = ASRModel(hyperconformer_encoder(1, 16, 32, 2, kernel_size=3), 10, 16, sample_rate=8000)
+    assert eight_k.sample_rate == 8000 and eight_k.frame_samples == 80 * 4
+    with pytest.raises(ValueError, match="expected 8000 Hz audio, got 16000 Hz"):
+        eight_k(torch.randn(1, 8000), torch.ones(1), sample_rate=16000)
+
+
+def test_features_with_given_statistics():
+    """``stats`` replaces each row's own mean / variance; a row's own statistics give back the default."""
+    model = _tiny_model()
+    wavs = torch.randn(2, 8000)
+    wavs[1, 4000:] = 0.0
+    rel = torch.tensor([1.0, 0.5])
+    own, frames = model.features(wavs, rel)
+    raw = model.fbank(wavs)  # (B, T, F)
+    n = int(frames[1])
+    stats = (raw[1, :n].mean(0), raw[1, :n].var(0, unbiased=False))
+    given, given_frames = model.features(wavs, rel, stats=stats)
+    assert torch.equal(given_frames, frames)
+    torch.testing.assert_close(given[1], own[1], atol=1e-4, rtol=0)
+    assert given[1, n:].abs().max() == 0.0
+    expected = (raw[0] - stats[0]) / torch.sqrt(stats[1] + model.norm_eps)
+    torch.testing.assert_close(given[0], expected)
 
 
 @torch.no_grad()
@@ -134,11 +168,15 @@ def test_speechbrain_layout_of_the_8m_preset():
 
 @pytest.mark.parametrize("recipe", ["hyperconformer", "conformer", "transformer", "primer"])
 def test_recipe_yaml_loads_a_preset(recipe, tmp_path):
-    with open(ROOT / "recipes" / "ASR" / "hparams" / f"{recipe}.yaml") as f:
-        hp = load_hyperpyyaml(f, {"noise_csv": None, "output_folder": str(tmp_path)})
+    from lobes.data.speech import prepare_speech_corpus
+    from lobes.recipe import load_hparams
+
+    hp = load_hparams(ROOT / "recipes" / "ASR" / "hparams" / f"{recipe}.yaml",
+                      {"noise_csv": None, "output_folder": str(tmp_path)})
     assert hp["model"] is hp["modules"]["model"]
     assert hp["model"].ctc_lin.out_features == hp["output_neurons"]
-    assert list(hp)[0] == "seed" and hp["dataset"] == "embedded"
+    assert hp["model"].sample_rate == hp["sample_rate"] == 16000 and hp["model"].frame_samples == 640
+    assert list(hp)[0] == "seed" and hp["prepare"].func is prepare_speech_corpus
 
 
 def _levenshtein(a: str, b: str) -> int:

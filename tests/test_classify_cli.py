@@ -11,43 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
+from test_inference_classify import microsoft_checkpoint
 
-from lobes.beats import BEATs, BEATsConfig
 from lobes.classify import main
 from lobes.inference.classify import AudioClassifier, package_beats_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_CFG = {
-    "embed_dim": 32,
-    "encoder_layers": 2,
-    "encoder_embed_dim": 32,
-    "encoder_ffn_embed_dim": 64,
-    "encoder_attention_heads": 4,
-    "conv_pos": 16,
-    "conv_pos_groups": 2,
-    "deep_norm": True,
-    "relative_position_embedding": True,
-    "gru_rel_pos": True,
-    "num_buckets": 32,
-    "max_distance": 800,
-    "dropout": 0.0,
-    "attention_dropout": 0.0,
-}
-
-
-def _checkpoint(path, finetuned=True, classes=5):
-    cfg = BEATsConfig.released(**TINY_CFG).to_dict()
-    if finetuned:
-        cfg.update(finetuned_model=True, predictor_class=classes, predictor_dropout=0.0)
-    torch.manual_seed(0)
-    beats = BEATs(cfg=cfg)
-    with torch.no_grad():
-        for p in beats.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    if finetuned:
-        beats.label_dict = {i: f"/m/{i:02d}x" for i in range(classes)}
-    return beats.save_checkpoint(path)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +24,8 @@ def tagger(tmp_path_factory):
     root = tmp_path_factory.mktemp("tagger")
     names = root / "class_labels_indices.csv"
     names.write_text("index,mid,display_name\n" + "".join(f"{i},/m/{i:02d}x,Sound {i}\n" for i in range(5)))
-    return package_beats_checkpoint(_checkpoint(root / "as2m.pt"), root / "pretrained", names)
+    checkpoint = microsoft_checkpoint(root / "as2m.pt", finetuned=True, classes=5)
+    return package_beats_checkpoint(checkpoint, root / "pretrained", names)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +105,8 @@ def test_usage_errors_exit_2_before_any_work(tagger, clips, tmp_path):
     assert main([str(tagger), good[0], "--output", str(tmp_path / "o.txt")]) == 2
     assert main([str(tagger), good[0], "--precision", "fp8"]) == 2
     assert main([str(tagger)]) == 2  # no inputs
-    embeddings = package_beats_checkpoint(_checkpoint(tmp_path / "iter3.pt", finetuned=False), tmp_path / "emb")
+    checkpoint = microsoft_checkpoint(tmp_path / "iter3.pt", finetuned=False)
+    embeddings = package_beats_checkpoint(checkpoint, tmp_path / "emb")
     assert main([str(embeddings), good[0], "--output", str(out)]) == 2
     assert not out.exists()
 

@@ -17,7 +17,8 @@ import soundfile as sf
 import torch
 from torch import nn
 
-from lobes.inference.common import PretrainedError, audio_sources
+from lobes.inference.pretrained import PretrainedError
+from lobes.inference.sources import audio_sources
 
 ROOT = Path(__file__).resolve().parents[1]
 RATE = 16000
@@ -175,6 +176,9 @@ def test_folder_layout_weights_only_and_no_paths_of_the_run(run, pretrained):
         and f"{float(wer_lines[0]):.2f} %" in (pretrained / "README.md").read_text()
     )
     assert info["frame_shift"] == 0.04 and info["sample_rate"] == RATE
+    # the corpus named from the run's `prepare` entry (a manifest by its file name only)
+    assert info["training"]["dataset"] == "the CSV manifest train.csv" and info["training"]["utterances"] == 32
+    assert "- training data: the CSV manifest train.csv (32 utterances" in (pretrained / "README.md").read_text()
     with open(run.parent / "tones" / "train.csv") as f:
         assert (pretrained / "transcripts.ckpt").read_text().splitlines() == [r["wrd"] for r in csv.DictReader(f)]
 
@@ -333,8 +337,7 @@ def test_every_input_form_and_rate_gives_the_same_words(run, transcriber, tmp_pa
 
 def test_precision_and_device(transcriber, pretrained, run):
     from lobes.inference import Transcriber
-    from lobes.inference.common import resolve_device
-    from lobes.inputs import UsageError
+    from lobes.inputs import UsageError, resolve_device
 
     bf16 = Transcriber.from_pretrained(pretrained, device="cpu", precision="bf16")
     result = bf16.transcribe(test_files(run)[0]["wav"])
@@ -372,7 +375,7 @@ def test_broken_folders_are_refused_clearly(pretrained, tmp_path):
     text = (unlisted / "hyperparams.yaml").read_text()
     text = text.replace("transcripts: !ref <transcripts>", "transcripts: !ref <transcripts>\n        lm: !ref <model>")
     (unlisted / "hyperparams.yaml").write_text(text)
-    from lobes.inference.common import load_pretrained
+    from lobes.inference.pretrained import load_pretrained
 
     with pytest.raises(PretrainedError, match=r"no weights for lm: expected lm.ckpt"):
         load_pretrained(unlisted, verify=False)

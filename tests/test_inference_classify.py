@@ -22,7 +22,7 @@ import torch
 
 from lobes.beats import BEATs, BEATsConfig, masked_mean, token_padding_mask
 from lobes.inference.classify import AudioClassifier, package_beats_checkpoint, package_classification_run
-from lobes.inference.common import PretrainedError
+from lobes.inference.pretrained import PretrainedError
 from lobes.io import load_audio
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,6 +164,7 @@ def test_run_folder_contents(run, packaged, corpus):
     readme = (packaged / "README.md").read_text()
     assert f"{100 * results['accuracy']:.2f} %" in readme and f"on {results['num_test']} clips" in readme
     assert "AudioClassifier.from_pretrained" in readme and "EncoderClassifier.from_hparams" in readme
+    assert "- training data: the CSV manifest train.csv\n" in readme  # from the run's `prepare` entry
     for name in ("hyperparams.yaml", "README.md", "package.json", "label_encoder.ckpt"):
         text = (packaged / name).read_text()
         assert str(run) not in text and str(corpus[0]) not in text and "/tmp" not in text
@@ -396,7 +397,8 @@ def test_packaging_errors_name_the_missing_piece(run, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- frozen encoder
-def _microsoft_checkpoint(path, finetuned, classes=4, seed=0):
+def microsoft_checkpoint(path, finetuned, classes=4, seed=0):
+    """A tiny BEATs checkpoint in Microsoft's format (AudioSet-style ``label_dict`` + predictor when ``finetuned``)."""
     cfg = BEATsConfig.released(**{**TINY_CFG, "dropout": 0.0, "attention_dropout": 0.0}).to_dict()
     if finetuned:
         cfg.update(finetuned_model=True, predictor_class=classes, predictor_dropout=0.0)
@@ -411,7 +413,7 @@ def _microsoft_checkpoint(path, finetuned, classes=4, seed=0):
 
 
 def test_frozen_as2m_encoder_run_with_mean_pooling(corpus, tmp_path):
-    ckpt = _microsoft_checkpoint(tmp_path / "as2m.pt", finetuned=True)
+    ckpt = microsoft_checkpoint(tmp_path / "as2m.pt", finetuned=True)
     out = tmp_path / "frozen"
     _recipe().main(
         [
@@ -464,7 +466,7 @@ def _wavs(n, seed=0):
 def test_as2m_checkpoint_gives_the_same_tags_as_beats_tag(tmp_path):
     from speechbrain.inference.classifiers import EncoderClassifier
 
-    ckpt = _microsoft_checkpoint(tmp_path / "as2m.pt", finetuned=True, classes=6)
+    ckpt = microsoft_checkpoint(tmp_path / "as2m.pt", finetuned=True, classes=6)
     names = tmp_path / "class_labels_indices.csv"
     names.write_text("index,mid,display_name\n" + "".join(f'{i},/m/{i:02d}x,"Sound {i}"\n' for i in range(6)))
     folder = package_beats_checkpoint(ckpt, tmp_path / "tagger", names)
@@ -489,7 +491,7 @@ def test_as2m_checkpoint_gives_the_same_tags_as_beats_tag(tmp_path):
 def test_pretrained_checkpoint_gives_embeddings_only(tmp_path):
     from speechbrain.inference.classifiers import EncoderClassifier
 
-    ckpt = _microsoft_checkpoint(tmp_path / "iter3.pt", finetuned=False)
+    ckpt = microsoft_checkpoint(tmp_path / "iter3.pt", finetuned=False)
     folder = package_beats_checkpoint(ckpt, tmp_path / "emb")
     assert {p.name for p in folder.iterdir()} == {
         "embedding_model.ckpt",

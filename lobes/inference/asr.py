@@ -1,6 +1,6 @@
-"""Speech recognition with a trained :class:`lobes.asr.ASRModel`: package a run, load it, transcribe.
+"""Speech recognition with a pretrained folder: :class:`Transcriber` gives words and word timestamps.
 
-:func:`package_asr_run` turns a recipe run into a pretrained folder that loads three ways:
+A folder written by :func:`package_asr_run` (:mod:`lobes.inference.asr_package`) loads three ways:
 
 * ``speechbrain.inference.ASR.EncoderASR.from_hparams(source=FOLDER, savedir=...)``: greedy CTC, the same
   words as the recipe's greedy decoding;
@@ -10,26 +10,27 @@
 * :meth:`Transcriber.from_pretrained`: greedy or beam words with word timestamps, any input form and rate,
   batching by length, and recordings of any length in overlapping windows with bounded memory.
 
-Word timestamps come from the CTC alignment: a model frame is ``hop * 2 ** len(frontend.convs)`` samples
-(10 ms fbank hop, 4x subsampling: 40 ms); a word starts at the first frame of its first letter-bearing
-token and ends after the last frame of its last one (greedy: the best path; beam: a Viterbi alignment of
-the beam's tokens).
+What the folder's ``hyperparams.yaml`` builds (:class:`CTCEncoder`, :func:`greedy_decode`,
+:class:`TrainingTranscripts`, :class:`LexiconBeamASR`) lives in :mod:`lobes.inference.asr_modules`; folders
+name it ``lobes.inference.asr.X``, so it is exported here too.
+
+Word timestamps come from the CTC alignment: a model frame is ``ASRModel.frame_samples`` samples (10 ms
+fbank hop, 4x subsampling: 40 ms); a word starts at the first frame of its first letter-bearing token and
+ends after the last frame of its last one (greedy: the best path; beam: a Viterbi alignment of the beam's
+tokens).
 
 Long recordings (longer than ``window_seconds``) are cut into windows of ``window_seconds`` whose centres
 (``window_seconds - 2 * context_seconds`` long, on a 40 ms grid) tile the recording; each window is run with
 ``context_seconds`` of audio on either side and only the frames of its centre are kept, so every frame of the
-recording comes from exactly one window and nothing is duplicated or dropped at the seams. Greedy decoding
-runs over the joined best path; beam search decodes pieces cut in the longest blank stretch of each
+recording comes from exactly one window and nothing is duplicated or dropped at the seams. Every window is
+normalised with the fbank statistics of the whole recording (``ASRModel.features(..., stats=...)``). Greedy
+decoding runs over the joined best path; beam search decodes pieces cut in the longest blank stretch of each
 ``window_seconds``. Memory is bounded by the batch of windows, whatever the length.
 
 Example
 -------
->>> from lobes.asr import ASRModel
->>> from lobes.conformer import hyperconformer_encoder
->>> model = ASRModel(hyperconformer_encoder(1, 16, 32, 2, kernel_size=3), vocab_size=6, d_model=16)
->>> encoder = CTCEncoder(model.eval())
->>> encoder(torch.rand(2, 8000), torch.tensor([1.0, 0.5])).shape, encoder.frame_shift
-(torch.Size([2, 13, 6]), 0.04)
+>>> Transcript("HI", [Word("HI", 0.12, 0.4)]).to_dict()
+{'text': 'HI', 'words': [{'word': 'HI', 'start': 0.12, 'end': 0.4}]}
 """
 
 from __future__ import annotations
@@ -43,21 +44,20 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from speechbrain.inference.ASR import EncoderASR
-from speechbrain.utils.checkpoints import mark_as_loader, mark_as_transfer, register_checkpoint_hooks
-from torch import nn
 
-from lobes.inference.common import (
-    HPARAMS_FILE,
-    AudioSource,
-    PretrainedError,
-    audio_sources,
-    autocast,
-    batches_by_length,
-    load_pretrained,
-    resolve_device,
-    resolve_precision,
+from lobes.inference.asr_modules import (
+    KIND,
+    CTCEncoder,
+    LexiconBeamASR,
+    TrainingTranscripts,
+    check_tokenizer,
+    greedy_decode,
 )
+from lobes.inference.asr_package import package_asr_run
+from lobes.inference.precision import autocast, resolve_precision
+from lobes.inference.pretrained import HPARAMS_FILE, PretrainedError, load_pretrained
+from lobes.inference.sources import AudioSource, audio_sources, batches_by_length, pad_batch
+from lobes.inputs import resolve_device
 
 __all__ = [
     "DECODERS",
@@ -75,9 +75,6 @@ logger = logging.getLogger(__name__)
 
 DECODERS = ("greedy", "beam")
 """``greedy``: best CTC path; ``beam``: the recipe's lexicon + word-LM beam search."""
-KIND = "asr"
-PAD_LOG_PROB = -1e4  # log-probability of non-blank tokens on padded frames (blank gets 0)
-FBANK_EPS = 1e-5  # variance floor of lobes.asr.ASRModel's feature normalisation
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -102,177 +99,6 @@ class Transcript:
     def to_dict(self) -> dict:
         """``{"text": ..., "words": [{"word", "start", "end"}, ...]}`` (JSON-able)."""
         return {"text": self.text, "words": [dataclasses.asdict(w) for w in self.words]}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Pieces of the pretrained folder
-# --------------------------------------------------------------------------------------------------------------
-def greedy_decode(
-    log_probs: torch.Tensor, wav_lens: torch.Tensor | None = None, blank_index: int = 0
-) -> list[list[int]]:
-    """Best-path CTC tokens of every row (speechbrain's ``decoding_function`` for :class:`CTCEncoder` outputs).
-
-    Every frame is read: :class:`CTCEncoder` sets frames beyond a row's length to the blank, which is exact
-    where relative ``wav_lens`` would round to a frame too few or too many.
-
-    Arguments
-    ---------
-    log_probs : torch.Tensor
-        (B, T, V) CTC log-probabilities from :class:`CTCEncoder`.
-    wav_lens : torch.Tensor, optional
-        (B,) relative lengths (unused, see above).
-    blank_index : int
-        The CTC blank.
-
-    Returns
-    -------
-    list[list[int]]
-        Token ids per row.
-
-    Example
-    -------
-    >>> lp = torch.log(torch.tensor([[[.1, .9], [.1, .9], [.9, .1], [.1, .9]]]))
-    >>> greedy_decode(lp)
-    [[1, 1]]
-    """
-    from lobes.asr import ctc_greedy_decode
-
-    full = torch.full((log_probs.shape[0],), log_probs.shape[1], device=log_probs.device)
-    return ctc_greedy_decode(log_probs, full, blank_index)
-
-
-@register_checkpoint_hooks
-class TrainingTranscripts:
-    """The training transcripts (one per line) from which the beam decoder's lexicon and word LM are built.
-
-    A loadable of the pretrained folder's ``pretrainer`` (file ``transcripts.ckpt``, UTF-8 text).
-
-    Example
-    -------
-    >>> import tempfile, os
-    >>> p = os.path.join(tempfile.mkdtemp(), "transcripts.ckpt")
-    >>> _ = open(p, "w").write("THE CAT\\nA DOG\\n")
-    >>> t = TrainingTranscripts(); t.load(p); t.sentences
-    ['THE CAT', 'A DOG']
-    """
-
-    def __init__(self, sentences: Sequence[str] = ()):
-        self.sentences = list(sentences)
-
-    @mark_as_transfer
-    def load(self, path: str | os.PathLike) -> None:
-        """Read the transcripts from ``path``."""
-        self.sentences = Path(path).read_text(encoding="utf-8").splitlines()
-
-    @mark_as_loader
-    def _recover(self, path: str | os.PathLike, end_of_epoch: bool = False) -> None:
-        self.load(path)
-
-
-class CTCEncoder(nn.Module):
-    """An :class:`lobes.asr.ASRModel` as speechbrain's ``EncoderASR`` encoder: waveforms -> CTC log-probs.
-
-    Arguments
-    ---------
-    model : lobes.asr.ASRModel
-        The trained model.
-    blank_index : int
-        The CTC blank; frames beyond a row's valid length get log-probability 0 for it.
-
-    Example
-    -------
-    >>> from lobes.asr import ASRModel
-    >>> from lobes.conformer import hyperconformer_encoder
-    >>> enc = CTCEncoder(ASRModel(hyperconformer_encoder(1, 16, 32, 2, kernel_size=3), 5, 16).eval())
-    >>> lp, lens = enc.log_probs(torch.rand(2, 6400), torch.tensor([1.0, 0.5]))
-    >>> lp.shape, lens.tolist(), lp[1, -1].exp().round().tolist()
-    (torch.Size([2, 11, 5]), [11, 6], [1.0, 0.0, 0.0, 0.0, 0.0])
-    """
-
-    def __init__(self, model: nn.Module, blank_index: int = 0):
-        super().__init__()
-        missing = [
-            a
-            for a in ("features", "encode", "ctc_log_probs", "sample_rate", "hop_length", "frontend")
-            if not hasattr(model, a)
-        ]
-        if missing:
-            raise TypeError(f"CTCEncoder needs a lobes.asr.ASRModel; {type(model).__name__} lacks {missing}")
-        self.model = model
-        self.blank_index = blank_index
-
-    @property
-    def sample_rate(self) -> int:
-        """Rate of the waveforms the model expects."""
-        return int(self.model.sample_rate)
-
-    @property
-    def frame_samples(self) -> int:
-        """Samples per output frame: the fbank hop times the front-end's subsampling."""
-        return int(self.model.hop_length) * 2 ** len(self.model.frontend.convs)
-
-    @property
-    def frame_shift(self) -> float:
-        """Seconds per output frame."""
-        return self.frame_samples / self.sample_rate
-
-    @property
-    def vocab_size(self) -> int:
-        """Outputs of the CTC head."""
-        return int(self.model.ctc_lin.out_features)
-
-    def log_probs(
-        self, wavs: torch.Tensor, wav_lens: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """CTC log-probabilities of a batch.
-
-        Arguments
-        ---------
-        wavs : torch.Tensor
-            (B, S) waveforms.
-        wav_lens : torch.Tensor
-            (B,) relative lengths.
-        stats : (torch.Tensor, torch.Tensor), optional
-            (F,) mean and variance of the fbank to normalise with, instead of each row's own (the model's
-            default): the windows of a long recording use the statistics of the whole recording.
-
-        Returns
-        -------
-        tuple
-            (B, T, V) log-probs (float32; padded frames are blank) and (B,) valid frames.
-        """
-        if stats is None:
-            feats, lengths = self.model.features(wavs, wav_lens)
-        else:
-            feats, lengths = self._features_with_stats(wavs, wav_lens, *stats)
-        enc, lengths = self.model.encode(feats, lengths)
-        log_probs = self.model.ctc_log_probs(enc)  # (B, T, V)
-        pad = torch.arange(log_probs.shape[1], device=log_probs.device)[None, :] >= lengths[:, None]  # (B, T)
-        if pad.any():
-            blank = torch.full_like(log_probs[0, 0], PAD_LOG_PROB)
-            blank[self.blank_index] = 0.0
-            log_probs = torch.where(pad[..., None], blank, log_probs)
-        return log_probs, lengths
-
-    def fbank(self, wavs: torch.Tensor) -> torch.Tensor:
-        """(B, S) waveforms -> (B, S // hop + 1, n_mels) fbank of the model (float32, not normalised)."""
-        with torch.autocast(wavs.device.type, enabled=False):
-            return self.model.compute_fbank(wavs.float())
-
-    def _features_with_stats(
-        self, wavs: torch.Tensor, wav_lens: torch.Tensor, mean: torch.Tensor, var: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``ASRModel.features`` with given normalisation statistics (same frame count, same epsilon)."""
-        samples = torch.round(wav_lens.float() * wavs.shape[1]).long()
-        lengths = torch.div(samples, self.model.hop_length, rounding_mode="floor") + 1  # centred frames
-        feats = self.fbank(wavs)  # (B, T, F)
-        lengths = lengths.clamp(max=feats.shape[1])
-        keep = torch.arange(feats.shape[1], device=feats.device)[None, :, None] < lengths[:, None, None]  # (B, T, 1)
-        return (feats - mean.to(feats)) / torch.sqrt(var.to(feats) + FBANK_EPS) * keep, lengths
-
-    def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> torch.Tensor:
-        """(B, S) waveforms, (B,) relative lengths -> (B, T, V) CTC log-probs (padded frames are blank)."""
-        return self.log_probs(wavs, wav_lens)[0]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -390,7 +216,7 @@ class Transcriber:
     >>> Transcriber.from_pretrained("no/such/folder")
     Traceback (most recent call last):
     ...
-    lobes.inference.common.PretrainedError: no/such/folder: no such folder; expected a pretrained folder ...
+    lobes.inference.pretrained.PretrainedError: no/such/folder: no such folder; expected a pretrained folder ...
     """
 
     def __init__(
@@ -426,7 +252,7 @@ class Transcriber:
 
         Raises
         ------
-        lobes.inference.common.PretrainedError
+        lobes.inference.pretrained.PretrainedError
             Not a speech-recognition folder, a missing or altered file, weights that do not fit, or a
             tokenizer with more pieces than the model has outputs.
         """
@@ -435,7 +261,7 @@ class Transcriber:
             if key not in hparams:
                 raise PretrainedError(f"{Path(folder) / HPARAMS_FILE}: no '{key}'")
         encoder, tokenizer = hparams["encoder"], hparams["tokenizer"]
-        _check_tokenizer(tokenizer, encoder, folder)
+        check_tokenizer(tokenizer, encoder, folder)
         beam = None
         if hparams.get("beam_decoder") is not None and hparams.get("transcripts") is not None:
             beam = hparams["beam_decoder"](tokenizer, hparams["transcripts"].sentences)
@@ -459,7 +285,7 @@ class Transcriber:
         Arguments
         ---------
         inputs : path, tensor, array, or list of them
-            See :mod:`lobes.inference.common` for the rule (files: any format, rate and channels; waveforms:
+            See :mod:`lobes.inference.sources` for the rule (files: any format, rate and channels; waveforms:
             ``(samples,)`` or with a short channel axis, and ``sample_rate``).
         sample_rate : int, optional
             Rate of the tensors / arrays (required for them).
@@ -530,7 +356,7 @@ class Transcriber:
         for b0 in range(0, n, self.window):
             b1 = min(b0 + self.window, n)
             a = max(b0 - pad, 0)
-            feats = self.encoder.fbank(source.segment(a, min(b1 + pad, n))[None].to(self.device))[0].double()
+            feats = self.encoder.model.fbank(source.segment(a, min(b1 + pad, n))[None].to(self.device))[0].double()
             first = (b0 - a) // hop  # frames centred in [b0, b1); the last block also keeps the frame at n
             last = (n // hop if b1 == n else -(-b1 // hop) - 1) - a // hop
             block = feats[first : last + 1]
@@ -546,14 +372,12 @@ class Transcriber:
         waves: Sequence[torch.Tensor],
         stats: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[np.ndarray, list[int]]:
-        """(B, T, V) log-probs (numpy float32) and valid frames of a list of 1-D waveforms."""
-        longest = max(w.numel() for w in waves)
-        batch = torch.zeros(len(waves), longest)
-        for row, wav in enumerate(waves):
-            batch[row, : wav.numel()] = wav
-        rel = torch.tensor([w.numel() / longest for w in waves])
+        """(B, T, V) log-probs (numpy float32) and valid frames of a list of 1-D waveforms at the model's rate."""
+        wavs, wav_lens = pad_batch(waves)
         with autocast(self.device, self.precision):
-            log_probs, lengths = self.encoder.log_probs(batch.to(self.device), rel.to(self.device), stats)
+            log_probs, lengths = self.encoder.log_probs(
+                wavs.to(self.device), wav_lens.float().to(self.device), stats, sample_rate=self.sample_rate
+            )
         return log_probs.float().cpu().numpy(), lengths.cpu().tolist()
 
     def _transcribe_short(self, waves: Sequence[torch.Tensor], decoder: str) -> list[Transcript]:
@@ -649,73 +473,3 @@ def _release_freed_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
-
-
-def _check_tokenizer(tokenizer, encoder: CTCEncoder, folder) -> None:
-    pieces = int(tokenizer.get_piece_size())
-    if pieces > encoder.vocab_size:
-        raise PretrainedError(
-            f"{folder}: the tokenizer has {pieces} pieces but the model's CTC head has "
-            f"{encoder.vocab_size} outputs; tokenizer.ckpt belongs to another model"
-        )
-    if not 0 <= encoder.blank_index < encoder.vocab_size:
-        raise PretrainedError(
-            f"{folder}: blank_index {encoder.blank_index} is outside the model's {encoder.vocab_size} outputs"
-        )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# speechbrain interface with the recipe's beam search (for foreign_class)
-# --------------------------------------------------------------------------------------------------------------
-class LexiconBeamASR(EncoderASR):
-    """``EncoderASR`` that decodes like the recipe's test stage: lexicon + word-LM CTC beam search.
-
-    The folder's ``custom.py`` subclasses it as ``CustomInterface`` so that speechbrain's ``foreign_class``
-    loads it. ``transcribe_file`` reads any rate (speechbrain's audio normaliser resamples to the folder's
-    ``sample_rate``); ``transcribe_batch`` takes ``sample_rate=`` to convert waveforms at another rate.
-    """
-
-    HPARAMS_NEEDED = ["tokenizer", "decoding_function", "beam_decoder", "transcripts"]
-    MODULES_NEEDED = ["encoder"]
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.beam = self.hparams.beam_decoder(self.tokenizer, self.hparams.transcripts.sentences)
-
-    def transcribe_batch(
-        self, wavs: torch.Tensor, wav_lens: torch.Tensor, sample_rate: int | None = None
-    ) -> tuple[list[str], list[list[str]]]:
-        """Words of a batch.
-
-        Arguments
-        ---------
-        wavs : torch.Tensor
-            (B, S) waveforms at the folder's ``sample_rate`` (or at ``sample_rate``).
-        wav_lens : torch.Tensor
-            (B,) relative lengths.
-        sample_rate : int, optional
-            Rate of ``wavs`` when it is not the model's.
-
-        Returns
-        -------
-        tuple
-            The text of each row and its words.
-        """
-        expected = int(self.hparams.sample_rate)
-        if sample_rate is not None and sample_rate != expected:
-            import torchaudio.functional as AF
-
-            wavs = AF.resample(wavs.float(), int(sample_rate), expected)
-        with torch.no_grad():
-            log_probs, lengths = self.mods.encoder.log_probs(wavs.float().to(self.device), wav_lens.to(self.device))
-            words = self.beam(log_probs, lengths)
-        return [" ".join(w) for w in words], words
-
-
-def package_asr_run(
-    results_dir: str | os.PathLike, out_dir: str | os.PathLike, train_csv: str | os.PathLike | None = None
-) -> Path:
-    """Write the pretrained folder of an ASR recipe run (see :func:`lobes.inference.asr_package.package_asr_run`)."""
-    from lobes.inference.asr_package import package_asr_run as package
-
-    return package(results_dir, out_dir, train_csv)

@@ -1,7 +1,7 @@
 """Package an ASR recipe run as a pretrained folder (:func:`package_asr_run`; see :mod:`lobes.inference.asr`).
 
 The folder holds ``hyperparams.yaml`` in speechbrain's inference layout (the run's ``model`` node, a
-:class:`lobes.inference.asr.CTCEncoder` as ``encoder``, the SentencePiece ``tokenizer``, greedy
+:class:`lobes.inference.asr_modules.CTCEncoder` as ``encoder``, the SentencePiece ``tokenizer``, greedy
 ``decoding_function``, the audio normaliser at the training rate, the lexicon + word-LM ``beam_decoder`` and
 a ``pretrainer`` whose loadables are ``model.ckpt``, ``tokenizer.ckpt`` and ``transcripts.ckpt``), ``custom.py``
 (speechbrain's ``foreign_class`` interface with the recipe's beam search), ``README.md`` and ``package.json``.
@@ -17,16 +17,22 @@ lobes.inputs.UsageError: no/such/run: no such folder; expected the output folder
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from lobes.inference.asr import KIND, CTCEncoder, _check_tokenizer
-from lobes.inference.common import HPARAMS_FILE, PretrainedError, PretrainedWriter, yaml_text
+from lobes.inference.asr_modules import KIND, CTCEncoder, check_tokenizer
+from lobes.inference.pretrained import (
+    HPARAMS_FILE,
+    PretrainedError,
+    PretrainedWriter,
+    read_state_dict,
+    state_dict_mismatches,
+    yaml_text,
+)
+from lobes.inference.runs import best_checkpoint, build_entries, describe_training_data, yaml_tag
 
 __all__ = ["package_asr_run"]
 
@@ -54,31 +60,6 @@ def _save_folder(tree: dict, results_dir: Path) -> Path:
         f"{results_dir}: no save folder (tried {', '.join(map(str, candidates))}); expected the "
         "checkpoints and tokenizer of the run there ('save_folder' in hyperparams.yaml)"
     )
-
-
-def _pick_checkpoint(save: Path) -> Path:
-    """The checkpoint the recipe tests: lowest valid WER among complete ones, then the newest."""
-    import yaml
-
-    folders = [p for p in sorted(save.glob("CKPT+*")) if (p / "model.ckpt").is_file()]
-    if any((p / "COMPLETE").exists() for p in folders):
-        folders = [p for p in folders if (p / "COMPLETE").exists()]
-    if not folders:
-        raise PretrainedError(f"{save}: no checkpoint with weights (expected CKPT+*/model.ckpt); train the run first")
-
-    def rank(folder: Path):
-        try:
-            meta = yaml.safe_load((folder / "CKPT.yaml").read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            meta = {}
-        wer = meta.get("WER")
-        return (
-            float(wer) if isinstance(wer, (int, float)) else math.inf,
-            -float(meta.get("unixtime", 0.0)),
-            folder.name,
-        )
-
-    return min(folders, key=rank)
 
 
 def _pick_tokenizer(save: Path, tree: dict) -> Path:
@@ -162,7 +143,7 @@ class CustomInterface(LexiconBeamASR):
 
 
 def _tag_name(node: Any) -> str:
-    tag = getattr(getattr(node, "tag", None), "value", None) or ""
+    tag = yaml_tag(node)
     return tag.rsplit(".", 1)[-1] if tag.startswith(("!new:", "!name:")) else ""
 
 
@@ -172,17 +153,6 @@ def _model_title(node: Any, model: nn.Module) -> str:
     title = _tag_name(encoder) or type(model.encoder).__name__
     mixer = _tag_name(encoder.get("mixer")) if isinstance(encoder, dict) else ""
     return f"{title} with {mixer}, CTC" if mixer else f"{title}, CTC"
-
-
-def _dataset_title(tree: dict) -> str:
-    dataset = tree.get("dataset")
-    if dataset == "embedded":
-        return "the embedded espeak-ng speech corpus (lobes.data.speech)"
-    if dataset == "librispeech":
-        return f"LibriSpeech {', '.join(map(str, tree.get('train_splits') or []))}".strip()
-    if dataset == "csv":
-        return "a CSV manifest of recordings and transcripts"
-    return str(dataset or "unknown")
 
 
 def _readme(info: dict, folder_name: str) -> str:
@@ -304,7 +274,7 @@ def _beam_node(node: Any, where: Path) -> Any:
     """
     import ruamel.yaml
 
-    tag = getattr(getattr(node, "tag", None), "value", None) or ""
+    tag = yaml_tag(node)
     if tag not in _BEAM_TAGS or not isinstance(node, dict):
         raise PretrainedError(
             f"{where}: test_decoder {tag or type(node).__name__!r} is not supported; expected one of "
@@ -339,9 +309,9 @@ def package_asr_run(
     """Write the pretrained folder of an ASR recipe run.
 
     Reads the run's ``hyperparams.yaml`` (``model``, ``save_folder``, ``sample_rate``, ``blank_index``,
-    ``test_decoder``), the checkpoint the recipe tests (lowest valid WER among complete ``CKPT+*``), the
-    SentencePiece model of ``save_folder`` and ``test_wer.txt``. Nothing of the run's training set-up (data
-    paths, optimizer, augmentation) is copied.
+    ``test_decoder``, ``prepare`` for the README's training data), the checkpoint the recipe tests (lowest
+    valid WER among complete ``CKPT+*``), the SentencePiece model of ``save_folder`` and ``test_wer.txt``.
+    Nothing of the run's training set-up (data paths, optimizer, augmentation) is copied.
 
     Arguments
     ---------
@@ -360,7 +330,7 @@ def package_asr_run(
 
     Raises
     ------
-    lobes.inference.common.PretrainedError
+    lobes.inference.pretrained.PretrainedError
         A missing key, checkpoint or tokenizer, or weights that do not fit the model (the message names it).
     """
     from hyperpyyaml import load_hyperpyyaml
@@ -374,7 +344,7 @@ def package_asr_run(
             f"{results_dir / HPARAMS_FILE}: no 'model' key; expected the lobes.asr.ASRModel the run trained"
         )
     save = _save_folder(tree, results_dir)
-    checkpoint = _pick_checkpoint(save)
+    checkpoint = best_checkpoint(save, "WER", maximize=False, needs="model.ckpt")
     tokenizer_path = _pick_tokenizer(save, tree)
     blank_index = int(tree.get("blank_index", 0))
     decoder_node = tree.get("test_decoder")
@@ -383,8 +353,7 @@ def package_asr_run(
     sample_rate = tree.get("sample_rate")
 
     # build the model from the copied node alone, to learn its rate and check the weights
-    probe = load_hyperpyyaml(yaml_text({"model": tree["model"]}))
-    model = probe["model"]
+    model = build_entries(tree, ["model"])["model"]
     if not hasattr(model, "ctc_lin"):
         raise PretrainedError(
             f"{results_dir / HPARAMS_FILE}: 'model' builds a {type(model).__name__}, expected a lobes.asr.ASRModel"
@@ -397,20 +366,17 @@ def package_asr_run(
             model.sample_rate,
             rate,
         )
-    state = torch.load(checkpoint / "model.ckpt", map_location="cpu", weights_only=True)
-    own = model.state_dict()
-    bad = sorted(set(own) ^ set(state)) + [k for k in own if k in state and own[k].shape != state[k].shape]
-    if bad:
-        raise PretrainedError(
-            f"{checkpoint / 'model.ckpt'} does not fit the run's model (keys or shapes differ: {bad[:5]})"
-        )
+    state = read_state_dict(checkpoint / "model.ckpt", "the run's model")
+    problems = state_dict_mismatches(model.state_dict(), state)
+    if problems:
+        raise PretrainedError(f"{checkpoint / 'model.ckpt'} does not fit the run's model: {'; '.join(problems)}")
     model.load_state_dict(state)
     import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor()
     sp.load(str(tokenizer_path))
     encoder = CTCEncoder(model, blank_index)
-    _check_tokenizer(sp, encoder, results_dir)
+    check_tokenizer(sp, encoder, results_dir)
 
     transcripts, transcripts_source = [], None
     try:
@@ -454,7 +420,7 @@ def package_asr_run(
         "tokenizer": {"type": str(tree.get("token_type", "unknown")), "pieces": int(sp.get_piece_size())},
         "checkpoint": checkpoint.name,
         "training": {
-            "dataset": _dataset_title(tree),
+            "dataset": describe_training_data(tree),
             "utterances": len(transcripts) if transcripts_source else None,
             "words": len(words) if transcripts_source else None,
         },

@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
+from lobes.inference.precision import PRECISIONS
 from lobes.inputs import (
     EXIT_FAILED_FILES,
     EXIT_OK,
@@ -52,6 +53,8 @@ from lobes.inputs import (
     collect_inputs,
     fingerprint,
     length_batches,
+    resolve_device,
+    write_csv,
 )
 from lobes.io import atomic_write_text
 
@@ -367,7 +370,7 @@ def build_parser(
         help=f"padded audio per batch, in seconds (default {batch_seconds:g})",
     )
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="default fp32")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="default fp32")
     parser.add_argument(
         "--overwrite", action="store_true", help="start the output over, also when it was made with other settings"
     )
@@ -411,18 +414,16 @@ def run(args: argparse.Namespace, load_task: Callable[[argparse.Namespace], Task
         Parsed arguments.
     load_task : callable
         ``load_task(args) -> Task``; raise :class:`lobes.inputs.UsageError` (or a subclass, e.g.
-        ``lobes.inference.common.PretrainedError``) for an unusable model.
+        ``lobes.inference.pretrained.PretrainedError``) for an unusable model.
 
     Returns
     -------
     int
         ``EXIT_OK``, ``EXIT_FAILED_FILES`` (raises ``UsageError`` for set-up problems: see :func:`run_command`).
     """
-    from lobes.inference.common import resolve_device
-
     if not args.batch_seconds > 0:
         raise UsageError(f"--batch-seconds must be positive, got {args.batch_seconds}")
-    resolve_device(args.device)
+    resolve_device(args.device, option="--device")
     files, errors = collect_inputs(args.inputs, data_root=args.data_root)
     if not files and not errors:
         raise UsageError(f"no audio files found in {' '.join(args.inputs)}")
@@ -496,11 +497,7 @@ def run(args: argparse.Namespace, load_task: Callable[[argparse.Namespace], Task
 def _write_errors(output: Path, failures: list[tuple[str, str]]) -> None:
     path = Path(f"{output}.errors.csv")
     if failures:
-        text = io.StringIO()
-        writer = csv.writer(text, lineterminator="\n")
-        writer.writerow(["path", "reason"])
-        writer.writerows(sorted(failures))
-        atomic_write_text(path, text.getvalue())
+        write_csv(path, ["path", "reason"], sorted(failures))
     elif path.exists():
         path.unlink()
 
