@@ -27,7 +27,7 @@ from torch import nn
 
 from lobes.hypermixing import HyperMixing
 from lobes.masks import zero_padding
-from lobes.mixers import MixerSpec, PositionwiseFeedForward, TokenMixer, check_token_mixer, make_mixers
+from lobes.mixers import EncoderStack, MixerSpec, PositionwiseFeedForward, TokenMixer, check_token_mixer, mix_tokens
 
 __all__ = [
     "ConvolutionModule",
@@ -169,17 +169,15 @@ class ConformerEncoderLayer(nn.Module):
             (B, T, D) output and the mixer's weights (``None`` unless requested).
         """
         x = x + 0.5 * self.ffn_module1(x)
-        mixed = zero_padding(self.norm1(x), src_key_padding_mask)
-        mixed = self.mha_layer(mixed, mixed, mixed, attn_mask=src_mask, key_padding_mask=src_key_padding_mask,
-                               return_attn_weights=return_attn_weights, pos_embs=pos_embs)
-        mixed, weights = mixed if isinstance(mixed, tuple) else (mixed, None)  # see TokenMixer's Returns
+        mixed, weights = mix_tokens(self.mha_layer, self.norm1(x), src_mask, src_key_padding_mask, pos_embs,
+                                    return_attn_weights)
         x = x + mixed
         x = x + self.convolution_module(x, src_key_padding_mask)
         x = self.norm2(x + 0.5 * self.ffn_module2(x))
-        return x, (weights if return_attn_weights else None)
+        return x, weights
 
 
-class ConformerEncoder(nn.Module):
+class ConformerEncoder(EncoderStack):
     """Stack of Conformer layers with an injected token mixer, followed by a layer norm.
 
     Arguments
@@ -223,53 +221,10 @@ class ConformerEncoder(nn.Module):
     def __init__(self, num_layers: int, d_model: int, d_ffn: int, mixer: MixerSpec, kernel_size: int = 31,
                  activation: Callable[[], nn.Module] = nn.SiLU, dropout: float = 0.0, bias: bool = True,
                  causal: bool = False, pos_encoding: Optional[nn.Module] = None):
-        super().__init__()
-        mixers = make_mixers(mixer, num_layers)
-        self.d_model = d_model
-        self.layers = nn.ModuleList(
-            ConformerEncoderLayer(d_model, d_ffn, m, kernel_size, activation, dropout, bias, causal) for m in mixers
-        )
-        self.pos_encoding = pos_encoding
-        self.norm = LayerNorm(d_model, eps=1e-6)
+        def make_layer(m: TokenMixer) -> ConformerEncoderLayer:
+            return ConformerEncoderLayer(d_model, d_ffn, m, kernel_size, activation, dropout, bias, causal)
 
-    def forward(self, src: torch.Tensor, src_mask: Optional[torch.Tensor] = None,
-                src_key_padding_mask: Optional[torch.Tensor] = None, pos_embs: Optional[torch.Tensor] = None,
-                return_attn_weights: bool = False) -> tuple[torch.Tensor, list]:
-        """Encode a padded batch.
-
-        Arguments
-        ---------
-        src : torch.Tensor
-            (B, T, D) input frames.
-        src_mask : torch.Tensor, optional
-            (T, T) attention mask given to every mixer.
-        src_key_padding_mask : torch.Tensor, optional
-            (B, T) bool, ``True`` on padded frames.
-        pos_embs : torch.Tensor, optional
-            Relative positional embeddings; computed with ``pos_encoding`` when omitted.
-        return_attn_weights : bool
-            Collect each mixer's weights.
-
-        Returns
-        -------
-        tuple[torch.Tensor, list]
-            (B, T, D) output (padded frames are zero before the final norm) and the list of mixer weights
-            (empty unless requested), like speechbrain's ``ConformerEncoder``.
-        """
-        if src.dim() != 3 or src.shape[-1] != self.d_model:
-            raise ValueError(f"expected input of shape (B, T, {self.d_model}), got {tuple(src.shape)}")
-        if src_key_padding_mask is not None and src_key_padding_mask.shape != src.shape[:2]:
-            raise ValueError(f"expected src_key_padding_mask of shape {tuple(src.shape[:2])}, "
-                             f"got {tuple(src_key_padding_mask.shape)}")
-        if pos_embs is None and self.pos_encoding is not None:
-            pos_embs = self.pos_encoding(src)
-        out = zero_padding(src, src_key_padding_mask)
-        weights = []
-        for layer in self.layers:
-            out, w = layer(out, src_mask, src_key_padding_mask, pos_embs, return_attn_weights)
-            if return_attn_weights:
-                weights.append(w)
-        return self.norm(out), weights
+        super().__init__(num_layers, d_model, mixer, make_layer, LayerNorm(d_model, eps=1e-6), pos_encoding)
 
 
 def hyperconformer_encoder(num_layers: int, d_model: int, d_ffn: int, nhead: int, kernel_size: int = 31,

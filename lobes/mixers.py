@@ -26,6 +26,8 @@ from typing import Callable, Optional, Protocol, Union, runtime_checkable
 import torch
 from torch import nn
 
+from lobes.masks import zero_padding
+
 __all__ = [
     "TokenMixer",
     "Encoder",
@@ -33,7 +35,9 @@ __all__ = [
     "signature_mismatches",
     "check_token_mixer",
     "make_mixers",
+    "mix_tokens",
     "PositionwiseFeedForward",
+    "EncoderStack",
 ]
 
 
@@ -292,3 +296,128 @@ class PositionwiseFeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, D)`` -> ``(B, T, D)``."""
         return self.ffn(x)
+
+
+def mix_tokens(mixer: TokenMixer, x: torch.Tensor, src_mask: Optional[torch.Tensor],
+               pad_mask: Optional[torch.Tensor], pos_embs: Optional[torch.Tensor],
+               return_attn_weights: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Self-mix ``x`` with ``mixer`` after zeroing its padded frames: the token-mixing step of an encoder layer.
+
+    Arguments
+    ---------
+    mixer : TokenMixer
+        The layer's token mixer.
+    x : torch.Tensor
+        ``(B, T, D)`` normalised frames, passed as query, key and value.
+    src_mask : torch.Tensor, optional
+        ``(T, T)`` attention mask.
+    pad_mask : torch.Tensor, optional
+        ``(B, T)`` bool, ``True`` on padded frames.
+    pos_embs : torch.Tensor, optional
+        Relative positional embeddings.
+    return_attn_weights : bool
+        Ask the mixer for its weights.
+
+    Returns
+    -------
+    tuple[torch.Tensor, torch.Tensor | None]
+        ``(B, T, D)`` mixed frames and the mixer's weights (``None`` unless requested), whichever of the two
+        return forms of :class:`TokenMixer` the mixer uses.
+
+    Example
+    -------
+    >>> from lobes.attention import MultiHeadAttention
+    >>> out, weights = mix_tokens(MultiHeadAttention(2, 16), torch.rand(2, 5, 16), None, None, None, False)
+    >>> out.shape, weights
+    (torch.Size([2, 5, 16]), None)
+    """
+    x = zero_padding(x, pad_mask)
+    mixed = mixer(x, x, x, attn_mask=src_mask, key_padding_mask=pad_mask, return_attn_weights=return_attn_weights,
+                  pos_embs=pos_embs)
+    mixed, weights = mixed if isinstance(mixed, tuple) else (mixed, None)
+    return mixed, (weights if return_attn_weights else None)
+
+
+class EncoderStack(nn.Module):
+    """Layers applied in turn to zero-padded frames, then a norm: the :class:`Encoder` behind the project's encoders.
+
+    :class:`lobes.conformer.ConformerEncoder` and :class:`lobes.transformer.TransformerEncoder` say how a layer
+    is built around a token mixer; the stack makes one mixer per layer (:func:`make_mixers`). Every layer is
+    called as ``layer(x, src_mask, src_key_padding_mask, pos_embs, return_attn_weights)`` and returns
+    ``(x, weights)``. Submodules are registered as ``layers``, ``pos_encoding`` and ``norm``, the names of
+    speechbrain's encoders.
+
+    Arguments
+    ---------
+    num_layers : int
+        Number of layers.
+    d_model : int
+        Model dimension D, checked against the input.
+    mixer : MixerSpec
+        A token mixer (deep-copied for every layer) or a factory called once per layer.
+    make_layer : Callable[[TokenMixer], nn.Module]
+        Builds one layer around the token mixer it is given.
+    norm : nn.Module
+        Normalisation applied to the last layer's output.
+    pos_encoding : nn.Module, optional
+        Module mapping the input (B, T, D) to relative positional embeddings given to every layer (e.g.
+        ``speechbrain.nnet.attention.RelPosEncXL`` for ``RelPosMHAXL``). Ignored when ``pos_embs`` is passed
+        to ``forward``.
+
+    Example
+    -------
+    >>> from functools import partial
+    >>> from lobes.conformer import ConformerEncoderLayer
+    >>> from lobes.hypermixing import HyperMixing
+    >>> enc = EncoderStack(2, 16, partial(HyperMixing, 16, 32), partial(ConformerEncoderLayer, 16, 32, kernel_size=3),
+    ...                    nn.LayerNorm(16))
+    >>> enc(torch.rand(2, 5, 16))[0].shape
+    torch.Size([2, 5, 16])
+    """
+
+    def __init__(self, num_layers: int, d_model: int, mixer: MixerSpec, make_layer: Callable[[TokenMixer], nn.Module],
+                 norm: nn.Module, pos_encoding: Optional[nn.Module] = None):
+        super().__init__()
+        self.d_model = d_model
+        self.layers = nn.ModuleList(make_layer(m) for m in make_mixers(mixer, num_layers))
+        self.pos_encoding = pos_encoding
+        self.norm = norm
+
+    def forward(self, src: torch.Tensor, src_mask: Optional[torch.Tensor] = None,
+                src_key_padding_mask: Optional[torch.Tensor] = None, pos_embs: Optional[torch.Tensor] = None,
+                return_attn_weights: bool = False) -> tuple[torch.Tensor, list]:
+        """Encode a padded batch.
+
+        Arguments
+        ---------
+        src : torch.Tensor
+            (B, T, D) input frames.
+        src_mask : torch.Tensor, optional
+            (T, T) attention mask given to every mixer.
+        src_key_padding_mask : torch.Tensor, optional
+            (B, T) bool, ``True`` on padded frames.
+        pos_embs : torch.Tensor, optional
+            Relative positional embeddings; computed with ``pos_encoding`` when omitted.
+        return_attn_weights : bool
+            Collect each mixer's weights.
+
+        Returns
+        -------
+        tuple[torch.Tensor, list]
+            (B, T, D) output (padded frames are zero before the final norm) and the list of mixer weights
+            (empty unless requested), like speechbrain's encoders.
+        """
+        if src.dim() != 3 or src.shape[-1] != self.d_model:
+            raise ValueError(f"expected input of shape (B, T, {self.d_model}), got {tuple(src.shape)}")
+        if src_key_padding_mask is not None and src_key_padding_mask.shape != src.shape[:2]:
+            raise ValueError(f"expected src_key_padding_mask of shape {tuple(src.shape[:2])}, "
+                             f"got {tuple(src_key_padding_mask.shape)}")
+        if pos_embs is None and self.pos_encoding is not None:
+            pos_embs = self.pos_encoding(src)
+        out = zero_padding(src, src_key_padding_mask)
+        weights = []
+        for layer in self.layers:
+            out, w = layer(out, src_mask, src_key_padding_mask, pos_embs, return_attn_weights)
+            if return_attn_weights:
+                weights.append(w)
+        return self.norm(out), weights

@@ -17,8 +17,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from lobes.masks import zero_padding
-from lobes.mixers import MixerSpec, PositionwiseFeedForward, TokenMixer, check_token_mixer, make_mixers
+from lobes.mixers import EncoderStack, MixerSpec, PositionwiseFeedForward, TokenMixer, check_token_mixer, mix_tokens
 
 __all__ = ["TransformerEncoder"]
 
@@ -39,15 +38,12 @@ class _TransformerLayer(nn.Module):
                 pos_embs: Optional[torch.Tensor],
                 return_attn_weights: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(B, T, D) -> (B, T, D) and the mixer's weights (``None`` unless requested)."""
-        mixed = zero_padding(self.norm1(x), pad_mask)
-        mixed = self.mixer(mixed, mixed, mixed, attn_mask=src_mask, key_padding_mask=pad_mask,
-                           return_attn_weights=return_attn_weights, pos_embs=pos_embs)
-        mixed, weights = mixed if isinstance(mixed, tuple) else (mixed, None)  # see TokenMixer's Returns
+        mixed, weights = mix_tokens(self.mixer, self.norm1(x), src_mask, pad_mask, pos_embs, return_attn_weights)
         x = x + self.drop(mixed)
-        return x + self.ffn(x), (weights if return_attn_weights else None)
+        return x + self.ffn(x), weights
 
 
-class TransformerEncoder(nn.Module):
+class TransformerEncoder(EncoderStack):
     """Pre-norm Transformer encoder with an injected token mixer, followed by a layer norm.
 
     Same call and return value as :class:`lobes.conformer.ConformerEncoder` (:class:`lobes.mixers.Encoder`).
@@ -85,47 +81,7 @@ class TransformerEncoder(nn.Module):
     def __init__(self, num_layers: int, d_model: int, d_ffn: int, mixer: MixerSpec,
                  activation: Callable[[], nn.Module] = nn.GELU, dropout: float = 0.0,
                  pos_encoding: Optional[nn.Module] = None):
-        super().__init__()
-        self.d_model = d_model
-        self.layers = nn.ModuleList(_TransformerLayer(d_model, d_ffn, m, activation, dropout)
-                                    for m in make_mixers(mixer, num_layers))
-        self.pos_encoding = pos_encoding
-        self.norm = nn.LayerNorm(d_model, eps=1e-6)
+        def make_layer(m: TokenMixer) -> _TransformerLayer:
+            return _TransformerLayer(d_model, d_ffn, m, activation, dropout)
 
-    def forward(self, src: torch.Tensor, src_mask: Optional[torch.Tensor] = None,
-                src_key_padding_mask: Optional[torch.Tensor] = None, pos_embs: Optional[torch.Tensor] = None,
-                return_attn_weights: bool = False) -> tuple[torch.Tensor, list]:
-        """Encode a padded batch.
-
-        Arguments
-        ---------
-        src : torch.Tensor
-            (B, T, D) input frames.
-        src_mask : torch.Tensor, optional
-            (T, T) attention mask given to every mixer.
-        src_key_padding_mask : torch.Tensor, optional
-            (B, T) bool, ``True`` on padded frames.
-        pos_embs : torch.Tensor, optional
-            Relative positional embeddings; computed with ``pos_encoding`` when omitted.
-        return_attn_weights : bool
-            Collect each mixer's weights.
-
-        Returns
-        -------
-        tuple[torch.Tensor, list]
-            (B, T, D) output and the list of mixer weights (empty unless requested).
-        """
-        if src.dim() != 3 or src.shape[-1] != self.d_model:
-            raise ValueError(f"expected input of shape (B, T, {self.d_model}), got {tuple(src.shape)}")
-        if src_key_padding_mask is not None and src_key_padding_mask.shape != src.shape[:2]:
-            raise ValueError(f"expected src_key_padding_mask of shape {tuple(src.shape[:2])}, "
-                             f"got {tuple(src_key_padding_mask.shape)}")
-        if pos_embs is None and self.pos_encoding is not None:
-            pos_embs = self.pos_encoding(src)
-        out = zero_padding(src, src_key_padding_mask)
-        weights = []
-        for layer in self.layers:
-            out, w = layer(out, src_mask, src_key_padding_mask, pos_embs, return_attn_weights)
-            if return_attn_weights:
-                weights.append(w)
-        return self.norm(out), weights
+        super().__init__(num_layers, d_model, mixer, make_layer, nn.LayerNorm(d_model, eps=1e-6), pos_encoding)

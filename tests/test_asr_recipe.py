@@ -1,7 +1,6 @@
 """recipes/ASR/train.py end to end on a tiny tone corpus: training, resume, kill -9 and resume, 2-process DDP
 (torchrun, and the recipe's own CPU workers)."""
 
-import csv
 import json
 import os
 import signal
@@ -11,77 +10,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile as sf
-
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ROOT / "recipes" / "ASR" / "train.py"
-LETTERS = "ABCDEFGH"
-SAMPLE_RATE = 16000
-TINY = "{d_model: 32, d_ffn: 64, nhead: 2, num_encoder_layers: 1, kernel_size: 7, frontend_channels: [8, 8]}"
-
-
-def _render(text: str, rng: np.random.Generator) -> np.ndarray:
-    """One tone per letter (its own pitch), silence between words, a little noise."""
-    pieces = [np.zeros(800)]
-    for word in text.split():
-        for ch in word:
-            t = np.arange(int(rng.uniform(0.07, 0.09) * SAMPLE_RATE)) / SAMPLE_RATE
-            pieces.append(0.5 * np.sin(2 * np.pi * 300.0 * 2 ** (LETTERS.index(ch) / 4) * t))
-        pieces.append(np.zeros(int(0.06 * SAMPLE_RATE)))
-    wav = np.concatenate(pieces)
-    return (wav + 0.01 * rng.standard_normal(len(wav))).astype(np.float32)
-
-
-def _make_split(folder: Path, name: str, num: int, seed: int) -> str:
-    rng = np.random.default_rng(seed)
-    (folder / name).mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(num):
-        text = " ".join("".join(rng.choice(list(LETTERS), rng.integers(2, 4))) for _ in range(rng.integers(1, 3)))
-        wav = _render(text, rng)
-        path = folder / name / f"{name}_{i}.wav"
-        sf.write(path, wav, SAMPLE_RATE)
-        rows.append({"ID": f"{name}_{i}", "duration": len(wav) / SAMPLE_RATE, "wav": str(path), "wrd": text})
-    with open(folder / f"{name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["ID", "duration", "wav", "wrd"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return str(folder / f"{name}.csv")
+from _builders import ASR_TRAIN, ROOT, TINY_ASR_PRESET, asr_recipe_args, letter_tone_corpus, recipe_env, run_asr_recipe
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tones")
-    return {split: _make_split(folder, split, n, seed)
-            for split, n, seed in (("train", 32, 1), ("valid", 4, 2), ("test", 4, 3))}
+    return letter_tone_corpus(tmp_path_factory.mktemp("tones"), test_size=4)
 
 
-def _prepare(corpus):
-    """The ``--prepare`` override that hands the tone corpus's CSVs to the recipe."""
-    return ("--prepare=!name:lobes.data.manifest.manifest_paths "
-            f"{{train: {corpus['train']}, valid: {corpus['valid']}, test: {corpus['test']}}}")
-
-
-def _args(corpus, out, epochs, *extra, yaml="recipes/ASR/hparams/hyperconformer.yaml"):
-    return [yaml, _prepare(corpus), f"--output_folder={out}",
-            "--noise_csv=null", "--num_workers=0", f"--number_of_epochs={epochs}", "--batch_size=8",
-            "--n_warmup_steps=4", "--lr=0.005", f"--preset={TINY}", "--lexicon_correction=True",
-            *([] if any(a.startswith("--cpu_processes") for a in extra) else ["--cpu_processes=1"]),
-            *([] if any(a.startswith("--dynamic_batching") for a in extra) else ["--dynamic_batching=False"]), *extra]
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return env
-
-
-def _run(args, timeout=300, launcher=None):
-    cmd = (launcher or [sys.executable]) + [str(TRAIN)] + args
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+def _args(corpus, out, epochs, *extra, **kwargs):
+    """A tiny run's arguments, with the lexicon-corrected decoding added to the test stage."""
+    return asr_recipe_args(corpus, out, epochs, "--lexicon_correction=True", *extra, **kwargs)
 
 
 def _test_wer(out):
@@ -97,7 +37,7 @@ def _history(out):
 
 def test_tiny_training_then_resume_with_a_higher_epoch_limit(corpus, tmp_path):
     out = tmp_path / "run"
-    _run(_args(corpus, out, 2))
+    run_asr_recipe(_args(corpus, out, 2))
     history = _history(out)
     assert sorted(history, key=int) == ["1", "2"]
     assert history["2"]["train_loss"] < history["1"]["train_loss"]
@@ -117,7 +57,7 @@ def test_tiny_training_then_resume_with_a_higher_epoch_limit(corpus, tmp_path):
 
     # the same command with a higher limit continues from epoch 2's checkpoint (and tests with speechbrain's
     # CTC beam search instead of the lexicon decoder)
-    _run(_args(corpus, out, 3, "--test_decoder=null", "--test_beam_size=3"))
+    run_asr_recipe(_args(corpus, out, 3, "--test_decoder=null", "--test_beam_size=3"))
     log_after = (out / "log.txt").read_text()[len(log_before):]
     assert "Loading a checkpoint" in log_after
     assert "Going into epoch 3" in log_after and "Going into epoch 1" not in log_after
@@ -147,7 +87,7 @@ def test_kill_during_training_then_resume(corpus, tmp_path, processes):
     # with 2 processes, plain `python train.py` runs 2 DDP workers that must die with it
     args = _args(corpus, out, 1, "--ckpt_interval_minutes=0", "--ckpt_interval_steps=1", "--dynamic_batching=True",
                  "--max_batch_len=2", "--num_buckets=3", f"--cpu_processes={processes}")
-    proc = subprocess.Popen([sys.executable, str(TRAIN)] + args, cwd=ROOT, env=_env(),
+    proc = subprocess.Popen([sys.executable, str(ASR_TRAIN)] + args, cwd=ROOT, env=recipe_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     save = out / "save"
@@ -167,7 +107,7 @@ def test_kill_during_training_then_resume(corpus, tmp_path, processes):
             time.sleep(0.1)
         assert not any(_alive(w) for w in workers), "DDP workers outlived the killed command"
     assert not (out / "test_wer.txt").exists()
-    _run(args)
+    run_asr_recipe(args)
     log = (out / "log.txt").read_text()
     assert "Loading a checkpoint" in log
     assert ("data-parallel training over 2 processes" in log) == (processes == 2)
@@ -181,8 +121,8 @@ def test_two_process_ddp_debug_run(corpus, tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
-    _run(_args(corpus, out, 1, "--debug", "--distributed_backend=gloo", "--dynamic_batching=True", "--max_batch_len=2",
-               "--num_buckets=3"), launcher=launcher)
+    run_asr_recipe(_args(corpus, out, 1, "--debug", "--distributed_backend=gloo", "--dynamic_batching=True",
+                         "--max_batch_len=2", "--num_buckets=3"), launcher=launcher)
     assert (out / "test_wer.txt").exists()
     log = (out / "log.txt").read_text()
     assert log.count("Beginning experiment!") >= 1
@@ -195,9 +135,10 @@ def test_default_debug_run_from_inside_the_recipe_folder(tmp_path):
 
     recipe = ROOT / "recipes" / "ASR"
     before = sorted(os.listdir(recipe))
-    args = ["hparams/hyperconformer.yaml", "--debug", f"--root={tmp_path}", f"--preset={TINY}", "--noprogressbar"]
-    proc = subprocess.run([sys.executable, "train.py", *args], cwd=recipe, env=_env(), capture_output=True, text=True,
-                          timeout=300)
+    args = ["hparams/hyperconformer.yaml", "--debug", f"--root={tmp_path}", f"--preset={TINY_ASR_PRESET}",
+            "--noprogressbar"]
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=recipe, env=recipe_env(), capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(os.listdir(recipe)) == before  # nothing written beside the recipe
     assert sorted(os.listdir(tmp_path / "data")) == ["embedded_speech_debug"]  # the full corpus is not touched
@@ -218,8 +159,8 @@ def test_main_job_on_the_embedded_corpus(tmp_path):
     """The full default recipe: synthesize the corpus, train, evaluate on unseen voices (long: ~20 min)."""
     out = tmp_path / "main"
     start = time.time()
-    _run(["recipes/ASR/hparams/hyperconformer.yaml", f"--output_folder={out}",
-          f"--data_folder={tmp_path / 'corpus'}"], timeout=3600)
+    run_asr_recipe(["recipes/ASR/hparams/hyperconformer.yaml", f"--output_folder={out}",
+                    f"--data_folder={tmp_path / 'corpus'}"], timeout=3600)
     wer, others = _test_wer(out)
     print(f"test WER on unseen voices: {wer:.2f} % (greedy {others['greedy']:.2f} %) in "
           f"{(time.time() - start) / 60:.1f} min")

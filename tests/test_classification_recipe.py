@@ -1,6 +1,5 @@
 """recipes/AudioClassification: tiny training runs, ESC-50 layout, checkpoints in the three YAMLs."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,61 +10,30 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from _builders import (
+    CLASSES,
+    CLASSIFICATION,
+    ROOT,
+    TINY_BEATS_CFG,
+    class_clip,
+    classification_csv_args,
+    classification_recipe,
+    recipe_env,
+    tone_class_corpus,
+)
 
 from lobes.beats import BEATs
-
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "AudioClassification"
-TINY_CFG = {
-    "embed_dim": 32, "encoder_layers": 2, "encoder_embed_dim": 32, "encoder_ffn_embed_dim": 64,
-    "encoder_attention_heads": 4, "conv_pos": 16, "conv_pos_groups": 2, "deep_norm": True,
-    "relative_position_embedding": True, "gru_rel_pos": True, "num_buckets": 32, "max_distance": 800,
-}
-CLASSES = ["low_tone", "high_tone", "noise"]
-
-
-def _recipe():
-    spec = importlib.util.spec_from_file_location("audio_classification_train", RECIPE / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _clip(label, rng, rate):
-    n = int(rng.uniform(0.8, 1.2) * rate)
-    t = np.arange(n) / rate
-    if label == "noise":
-        wav = 0.3 * rng.standard_normal(n)
-    else:
-        f0 = rng.uniform(250, 400) if label == "low_tone" else rng.uniform(2500, 4000)
-        wav = 0.5 * np.sin(2 * np.pi * f0 * t) + 0.02 * rng.standard_normal(n)
-    return wav.astype(np.float32)
 
 
 @pytest.fixture(scope="module")
 def csv_corpus(tmp_path_factory):
     """Three easy classes at mixed sample rates and channel counts, as ID, wav, label CSVs."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    paths = {}
-    for split, per_class in (("train", 8), ("valid", 2), ("test", 4)):
-        lines = ["ID,duration,wav,label"]
-        for i in range(per_class):
-            for label in CLASSES:
-                rate = [16000, 22050, 8000][i % 3]
-                wav = _clip(label, rng, rate)
-                if i % 4 == 1:
-                    wav = np.stack([wav, wav], axis=1)  # stereo
-                uid = f"{split}_{label}_{i}"
-                sf.write(root / f"{uid}.wav", wav, rate)
-                lines.append(f"{uid},{len(wav) / rate:.3f},$data_root/{uid}.wav,{label}")
-        paths[split] = root / f"{split}.csv"
-        paths[split].write_text("\n".join(lines) + "\n")
-    return root, paths
+    return tone_class_corpus(tmp_path_factory.mktemp("corpus"), {"train": 8, "valid": 2, "test": 4}, stereo_every=4,
+                             right_gain=1.0)
 
 
 def _checkpoint(path, label_dict):
-    cfg = dict(TINY_CFG)
+    cfg = dict(TINY_BEATS_CFG)
     if label_dict:
         cfg.update(finetuned_model=True, predictor_class=4)
     model = BEATs(cfg=cfg)
@@ -76,22 +44,16 @@ def _checkpoint(path, label_dict):
     return path
 
 
-def _csv_args(csv_corpus, out):
-    root, paths = csv_corpus
-    prepare = (f"!name:lobes.data.manifest.manifest_paths {{train: {paths['train']}, valid: {paths['valid']}, "
-               f"test: {paths['test']}, required: [ID, wav, label]}}")
-    return ["--data_folder", str(root), "--prepare", prepare, "--output_folder", str(out), "--noprogressbar"]
-
-
 def _tiny_model_args():
-    return ["--beats_cfg", json.dumps(TINY_CFG), "--emb_dim", "32"]
+    return ["--beats_cfg", json.dumps(TINY_BEATS_CFG), "--emb_dim", "32"]
 
 
 def test_tiny_training_beats_chance_and_writes_outputs(csv_corpus, tmp_path):
     out = tmp_path / "run"
-    _recipe().main([str(RECIPE / "hparams" / "beats_tiny.yaml"), *_csv_args(csv_corpus, out),
-                    *_tiny_model_args(), "--number_of_epochs", "4", "--batch_size", "6",
-                    "--warmup_steps", "4", "--lr_head", "0.003", "--lr_encoder", "0.003"])
+    classification_recipe().main([str(CLASSIFICATION / "hparams" / "beats_tiny.yaml"),
+                                  *classification_csv_args(csv_corpus, out), *_tiny_model_args(),
+                                  "--number_of_epochs", "4", "--batch_size", "6",
+                                  "--warmup_steps", "4", "--lr_head", "0.003", "--lr_encoder", "0.003"])
     results = json.loads((out / "test_results.json").read_text())
     assert results["num_test"] == 4 * len(CLASSES)
     assert sorted(results["per_class_accuracy"]) == sorted(CLASSES)
@@ -105,8 +67,8 @@ def test_tiny_training_beats_chance_and_writes_outputs(csv_corpus, tmp_path):
 
 
 def test_param_groups_layer_wise_decay():
-    recipe = _recipe()
-    modules = torch.nn.ModuleDict({"encoder": BEATs(cfg={**TINY_CFG, "encoder_layers": 3}, freeze=False),
+    recipe = classification_recipe()
+    modules = torch.nn.ModuleDict({"encoder": BEATs(cfg={**TINY_BEATS_CFG, "encoder_layers": 3}, freeze=False),
                                    "classifier": torch.nn.Linear(32, 5)})
     groups = recipe.param_groups(modules, lr_head=1e-3, lr_encoder=1e-4, layer_decay=0.5, freeze_encoder=False)
     lrs = {g["name"]: g["lr"] for g in groups}
@@ -123,7 +85,7 @@ def test_param_groups_layer_wise_decay():
 def _load_hparams(yaml_name, overrides):
     from lobes.recipe import load_hparams
 
-    return load_hparams(RECIPE / "hparams" / yaml_name, overrides)
+    return load_hparams(CLASSIFICATION / "hparams" / yaml_name, overrides)
 
 
 @pytest.mark.parametrize("label_dict", [False, True], ids=["pretrained", "as2m"])
@@ -140,7 +102,7 @@ def test_microsoft_checkpoint_loads_in_frozen_and_finetune(tmp_path, yaml_name, 
     assert encoder.freeze == (yaml_name == "beats_frozen.yaml")
     if label_dict:
         assert encoder.labels == [f"/m/{i}" for i in range(4)]
-    _recipe().check_hparams(hparams)  # emb_dim matches the checkpoint
+    classification_recipe().check_hparams(hparams)  # emb_dim matches the checkpoint
 
 
 @pytest.mark.parametrize("yaml_name,label_dict,extra", [
@@ -151,9 +113,9 @@ def test_frozen_and_finetune_debug_runs(csv_corpus, tmp_path, yaml_name, label_d
     ckpt = _checkpoint(tmp_path / "beats.pt", label_dict)
     out = tmp_path / "run"
     before = torch.load(ckpt)["model"]
-    _recipe().main([str(RECIPE / "hparams" / yaml_name), "--ckpt_path", str(ckpt), "--emb_dim", "32",
-                    *_csv_args(csv_corpus, out), "--debug", "--debug_persistently", "--debug_batches", "2",
-                    "--batch_size", "4", *extra])
+    classification_recipe().main([str(CLASSIFICATION / "hparams" / yaml_name), "--ckpt_path", str(ckpt),
+                                  "--emb_dim", "32", *classification_csv_args(csv_corpus, out), "--debug",
+                                  "--debug_persistently", "--debug_batches", "2", "--batch_size", "4", *extra])
     assert (out / "test_results.json").exists()
     saved = list((out / "save").glob("CKPT+*/encoder.ckpt"))
     if yaml_name == "beats_frozen.yaml":
@@ -168,7 +130,7 @@ def test_frozen_and_finetune_debug_runs(csv_corpus, tmp_path, yaml_name, label_d
 def test_bad_emb_dim_settings_and_data_fail_fast(tmp_path):
     from lobes.data.manifest import ManifestError
 
-    recipe = _recipe()
+    recipe = classification_recipe()
     ckpt = _checkpoint(tmp_path / "beats.pt", False)
     out = {"output_folder": str(tmp_path / "out")}
     with pytest.raises(ValueError, match="encoder_embed_dim is 32"):
@@ -196,7 +158,7 @@ def _fake_esc50(root: Path, per_fold: int = 2, classes=("dog", "rain", "siren"))
             for k in range(per_fold):
                 name = f"{fold}-{1000 + 10 * target + k}-A-{target}.wav"
                 label = ["low_tone", "high_tone", "noise"][target]
-                sf.write(root / "audio" / name, _clip(label, rng, 44100), 44100)
+                sf.write(root / "audio" / name, class_clip(label, rng, 44100), 44100)
                 lines.append(f"{name},{fold},{target},{category},False,{1000 + 10 * target + k},A")
     (root / "meta" / "esc50.csv").write_text("\n".join(lines) + "\n")
 
@@ -207,9 +169,9 @@ def test_esc50_layout_and_fold_selection(tmp_path):
     out = tmp_path / "run"
     prepare = ("!name:lobes.data.esc50.prepare_esc50 {data_folder: !ref <data_folder>, "
                "save_folder: !ref <save_folder>, test_fold: 2, valid_fold: null, sample_rate: !ref <sample_rate>}")
-    _recipe().main([str(RECIPE / "hparams" / "beats_tiny.yaml"), "--prepare", prepare, "--data_folder",
-                    str(tmp_path), "--output_folder", str(out), *_tiny_model_args(),
-                    "--debug", "--debug_batches", "2", "--noprogressbar"])
+    classification_recipe().main([str(CLASSIFICATION / "hparams" / "beats_tiny.yaml"), "--prepare", prepare,
+                                  "--data_folder", str(tmp_path), "--output_folder", str(out), *_tiny_model_args(),
+                                  "--debug", "--debug_batches", "2", "--noprogressbar"])
     results = json.loads((out / "test_results.json").read_text())
     assert results["num_test"] == 3 * 2  # fold 2 only
     assert sorted(results["classes"]) == ["dog", "rain", "siren"]
@@ -222,13 +184,13 @@ def test_default_debug_run_from_inside_the_recipe_folder(tmp_path):
     the default corpus in a folder of its own under <root> (moved to tmp_path); the saved copy loads back."""
     from hyperpyyaml import load_hyperpyyaml
 
-    before = sorted(os.listdir(RECIPE))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    before = sorted(os.listdir(CLASSIFICATION))
+    env = recipe_env()
     cmd = [sys.executable, "train.py", "hparams/beats_tiny.yaml", "--debug", "--root", str(tmp_path),
            *_tiny_model_args(), "--noprogressbar"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=RECIPE, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=CLASSIFICATION, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert sorted(os.listdir(RECIPE)) == before  # nothing written beside the recipe
+    assert sorted(os.listdir(CLASSIFICATION)) == before  # nothing written beside the recipe
     assert sorted(os.listdir(tmp_path / "data")) == ["event_corpus_debug"]  # the full corpus is not touched
     corpus = tmp_path / "data" / "event_corpus_debug"
     assert [len(list((corpus / s).glob("*.wav"))) for s in ("train", "valid", "test")] == [48, 24, 24]
@@ -243,11 +205,12 @@ def test_default_debug_run_from_inside_the_recipe_folder(tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_processes_debug(csv_corpus, tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = recipe_env()
+    # --debug alone gives each process its own temporary checkpoint folder: --debug_persistently
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           str(RECIPE / "train.py"), str(RECIPE / "hparams" / "beats_tiny.yaml"), *_csv_args(csv_corpus, out),
-           *_tiny_model_args(), "--distributed_backend", "gloo", "--debug", "--debug_batches", "2",
-           "--debug_persistently"]  # --debug alone gives each process its own temporary checkpoint folder
+           str(CLASSIFICATION / "train.py"), str(CLASSIFICATION / "hparams" / "beats_tiny.yaml"),
+           *classification_csv_args(csv_corpus, out), *_tiny_model_args(), "--distributed_backend", "gloo", "--debug",
+           "--debug_batches", "2", "--debug_persistently"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "test_results.json").exists()
@@ -258,8 +221,9 @@ def test_resume_after_kill(csv_corpus, tmp_path):
     """kill -9 after the first epoch's checkpoint; the rerun continues from it and finishes."""
     out = tmp_path / "resume"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(RECIPE / "train.py"), str(RECIPE / "hparams" / "beats_tiny.yaml"),
-           *_csv_args(csv_corpus, out), *_tiny_model_args(), "--number_of_epochs", "4", "--batch_size", "6"]
+    cmd = [sys.executable, str(CLASSIFICATION / "train.py"), str(CLASSIFICATION / "hparams" / "beats_tiny.yaml"),
+           *classification_csv_args(csv_corpus, out), *_tiny_model_args(), "--number_of_epochs", "4",
+           "--batch_size", "6"]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         import time
@@ -286,7 +250,7 @@ def test_default_beats_tiny_run_on_unseen_voices(tmp_path):
 
     out = tmp_path / "default"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(RECIPE / "train.py"), str(RECIPE / "hparams" / "beats_tiny.yaml"),
+    cmd = [sys.executable, str(CLASSIFICATION / "train.py"), str(CLASSIFICATION / "hparams" / "beats_tiny.yaml"),
            f"--output_folder={out}", f"--data_folder={tmp_path / 'events'}"]
     start = time.time()
     subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, timeout=3600)

@@ -15,49 +15,16 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from _builders import RATE, ROOT, asr_recipe_args, letter_tone_corpus, run_asr_recipe
 from torch import nn
 
 from lobes.inference.pretrained import PretrainedError
 from lobes.inference.sources import audio_sources
 
-ROOT = Path(__file__).resolve().parents[1]
-RATE = 16000
-LETTERS = "ABCDEFGH"
-TINY = "{d_model: 32, d_ffn: 64, nhead: 2, num_encoder_layers: 1, kernel_size: 7, frontend_channels: [8, 8]}"
-
 
 # --------------------------------------------------------------------------------------------------------------
 # A tiny trained run (shared by the test files of this area through the session's temporary folder)
 # --------------------------------------------------------------------------------------------------------------
-def _tones(text: str, rng: np.random.Generator) -> np.ndarray:
-    """One tone per letter (its own pitch), silence between words, a little noise."""
-    pieces = [np.zeros(800)]
-    for word in text.split():
-        for ch in word:
-            t = np.arange(int(rng.uniform(0.07, 0.09) * RATE)) / RATE
-            pieces.append(0.5 * np.sin(2 * np.pi * 300.0 * 2 ** (LETTERS.index(ch) / 4) * t))
-        pieces.append(np.zeros(int(0.06 * RATE)))
-    wav = np.concatenate(pieces)
-    return (wav + 0.01 * rng.standard_normal(len(wav))).astype(np.float32)
-
-
-def _split(folder: Path, name: str, num: int, seed: int) -> str:
-    rng = np.random.default_rng(seed)
-    (folder / name).mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(num):
-        text = " ".join("".join(rng.choice(list(LETTERS), rng.integers(2, 4))) for _ in range(rng.integers(1, 3)))
-        wav = _tones(text, rng)
-        path = folder / name / f"{name}_{i}.wav"
-        sf.write(path, wav, RATE)
-        rows.append({"ID": f"{name}_{i}", "duration": len(wav) / RATE, "wav": str(path), "wrd": text})
-    with open(folder / f"{name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["ID", "duration", "wav", "wrd"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return str(folder / f"{name}.csv")
-
-
 def tiny_run(tmp_path_factory) -> Path:
     """A finished recipe run (CSV tone corpus, 1-layer HyperConformer, lexicon + LM test decoder), made once per
     test session."""
@@ -65,38 +32,8 @@ def tiny_run(tmp_path_factory) -> Path:
     out = base / "run"
     if (out / "test_wer.txt").exists():
         return out
-    corpus = {
-        split: _split(base / "tones", split, n, seed)
-        for split, n, seed in (("train", 32, 1), ("valid", 4, 2), ("test", 6, 3))
-    }
-    prepare = (
-        "--prepare=!name:lobes.data.manifest.manifest_paths "
-        f"{{train: {corpus['train']}, valid: {corpus['valid']}, test: {corpus['test']}}}"
-    )
-    args = [
-        "recipes/ASR/hparams/hyperconformer.yaml",
-        prepare,
-        f"--output_folder={out}",
-        "--noise_csv=null",
-        "--num_workers=0",
-        "--number_of_epochs=20",
-        "--batch_size=8",
-        "--n_warmup_steps=4",
-        "--lr=0.005",
-        f"--preset={TINY}",
-        "--cpu_processes=1",
-        "--dynamic_batching=False",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "ASR" / "train.py"), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    corpus = letter_tone_corpus(base / "tones", test_size=6)
+    run_asr_recipe(asr_recipe_args(corpus, out, 20), timeout=600)
     return out
 
 

@@ -7,9 +7,7 @@ logits of the run's checkpoint rebuilt the way the recipe evaluates it).
 """
 
 import hashlib
-import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,29 +17,21 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from _builders import (
+    CLASSES,
+    CLASSIFICATION,
+    TINY_BEATS_CFG,
+    classification_csv_args,
+    classification_recipe,
+    recipe_env,
+    tone_class_corpus,
+)
 
 from lobes.beats import BEATs, BEATsConfig, masked_mean, token_padding_mask
 from lobes.inference.classify import AudioClassifier, package_beats_checkpoint, package_classification_run
 from lobes.inference.pretrained import PretrainedError
 from lobes.io import load_audio
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "AudioClassification"
-TINY_CFG = {
-    "embed_dim": 32,
-    "encoder_layers": 2,
-    "encoder_embed_dim": 32,
-    "encoder_ffn_embed_dim": 64,
-    "encoder_attention_heads": 4,
-    "conv_pos": 16,
-    "conv_pos_groups": 2,
-    "deep_norm": True,
-    "relative_position_embedding": True,
-    "gru_rel_pos": True,
-    "num_buckets": 32,
-    "max_distance": 800,
-}
-CLASSES = ["low_tone", "high_tone", "noise"]
 FILES = {
     "embedding_model.ckpt",
     "classifier.ckpt",
@@ -52,48 +42,9 @@ FILES = {
 }
 
 
-def _recipe():
-    spec = importlib.util.spec_from_file_location("audio_classification_train", RECIPE / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _clip(label, rng, rate):
-    n = int(rng.uniform(0.8, 1.2) * rate)
-    t = np.arange(n) / rate
-    if label == "noise":
-        return (0.3 * rng.standard_normal(n)).astype(np.float32)
-    f0 = rng.uniform(250, 400) if label == "low_tone" else rng.uniform(2500, 4000)
-    return (0.5 * np.sin(2 * np.pi * f0 * t) + 0.02 * rng.standard_normal(n)).astype(np.float32)
-
-
 def make_corpus(root: Path):
     """ID, wav, label CSVs in ``root``; clips at 16 / 22.05 / 8 kHz, every other one stereo."""
-    rng = np.random.default_rng(0)
-    csvs = {}
-    for split, per_class in (("train", 4), ("valid", 1), ("test", 3)):
-        lines = ["ID,duration,wav,label"]
-        for i in range(per_class):
-            for label in CLASSES:
-                rate = [16000, 22050, 8000][i % 3]
-                wav = _clip(label, rng, rate)
-                if i % 2 == 1:
-                    wav = np.stack([wav, 0.5 * wav], axis=1)
-                uid = f"{split}_{label}_{i}"
-                sf.write(root / f"{uid}.wav", wav, rate)
-                lines.append(f"{uid},{len(wav) / rate:.3f},$data_root/{uid}.wav,{label}")
-        csvs[split] = root / f"{split}.csv"
-        csvs[split].write_text("\n".join(lines) + "\n")
-    return root, csvs
-
-
-def _csv_args(corpus, out):
-    """The recipe's options for CSV data (its ``prepare`` swapped for the manifest reader) and an output folder."""
-    root, csvs = corpus
-    paths = ", ".join(f"{split}: {csvs[split]}" for split in ("train", "valid", "test"))
-    prepare = f"!name:lobes.data.manifest.manifest_paths {{{paths}, required: [ID, wav, label]}}"
-    return ["--prepare", prepare, "--data_folder", str(root), "--output_folder", str(out), "--noprogressbar"]
+    return tone_class_corpus(root, {"train": 4, "valid": 1, "test": 3}, stereo_every=2, right_gain=0.5)
 
 
 def held_out_items(corpus):
@@ -113,10 +64,10 @@ def tiny_classification_run(tmp_path_factory):
     if key not in _RUNS:
         corpus = make_corpus(tmp_path_factory.mktemp("corpus"))
         out = tmp_path_factory.mktemp("runs") / "tiny"
-        _recipe().main([
-            str(RECIPE / "hparams" / "beats_tiny.yaml"), *_csv_args(corpus, out), "--beats_cfg", json.dumps(TINY_CFG),
-            "--emb_dim", "32", "--number_of_epochs", "3", "--batch_size", "6", "--warmup_steps", "2",
-            "--lr_head", "0.003", "--lr_encoder", "0.003",
+        classification_recipe().main([
+            str(CLASSIFICATION / "hparams" / "beats_tiny.yaml"), *classification_csv_args(corpus, out),
+            "--beats_cfg", json.dumps(TINY_BEATS_CFG), "--emb_dim", "32", "--number_of_epochs", "3",
+            "--batch_size", "6", "--warmup_steps", "2", "--lr_head", "0.003", "--lr_encoder", "0.003",
         ])  # fmt: skip
         _RUNS[key] = (out, corpus)
     return _RUNS[key]
@@ -309,7 +260,7 @@ def test_speechbrain_loads_it_in_a_new_process(packaged, model, corpus, tmp_path
         "m = EncoderClassifier.from_hparams(source=sys.argv[1], savedir=sys.argv[2], run_opts={'device': 'cpu'})\n"
         "print(json.dumps([m.classify_file(p)[3][0] for p in sys.argv[3:]]))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = recipe_env()
     proc = subprocess.run(
         [sys.executable, "-c", script, str(packaged), str(tmp_path / "sb"), *paths],
         capture_output=True,
@@ -399,7 +350,7 @@ def test_packaging_errors_name_the_missing_piece(run, tmp_path):
 # ---------------------------------------------------------------------------------------------- frozen encoder
 def microsoft_checkpoint(path, finetuned, classes=4, seed=0):
     """A tiny BEATs checkpoint in Microsoft's format (AudioSet-style ``label_dict`` + predictor when ``finetuned``)."""
-    cfg = BEATsConfig.released(**{**TINY_CFG, "dropout": 0.0, "attention_dropout": 0.0}).to_dict()
+    cfg = BEATsConfig.released(**{**TINY_BEATS_CFG, "dropout": 0.0, "attention_dropout": 0.0}).to_dict()
     if finetuned:
         cfg.update(finetuned_model=True, predictor_class=classes, predictor_dropout=0.0)
     torch.manual_seed(seed)
@@ -415,14 +366,14 @@ def microsoft_checkpoint(path, finetuned, classes=4, seed=0):
 def test_frozen_as2m_encoder_run_with_mean_pooling(corpus, tmp_path):
     ckpt = microsoft_checkpoint(tmp_path / "as2m.pt", finetuned=True)
     out = tmp_path / "frozen"
-    _recipe().main(
+    classification_recipe().main(
         [
-            str(RECIPE / "hparams" / "beats_frozen.yaml"),
+            str(CLASSIFICATION / "hparams" / "beats_frozen.yaml"),
             "--ckpt_path",
             str(ckpt),
             "--emb_dim",
             "32",
-            *_csv_args(corpus, out),
+            *classification_csv_args(corpus, out),
             "--debug",
             "--debug_persistently",
             "--debug_batches",

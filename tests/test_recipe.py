@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _builders import ROOT, TINY_BEATS_CFG
 from hyperpyyaml import load_hyperpyyaml
 from ruamel.yaml import YAML
 
@@ -21,24 +22,24 @@ from lobes.recipe import (
     warmup_cosine_factor,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 ASR = ROOT / "recipes" / "ASR" / "hparams"
 CLASSIFICATION = ROOT / "recipes" / "AudioClassification" / "hparams"
 ASR_MODELS = ["hyperconformer", "conformer", "transformer", "primer"]
 CLASSIFIERS = ["beats_tiny", "beats_frozen", "beats_finetune"]
-TINY_BEATS = {
-    "embed_dim": 32,
-    "encoder_layers": 2,
-    "encoder_embed_dim": 32,
-    "encoder_ffn_embed_dim": 64,
-    "encoder_attention_heads": 4,
-    "conv_pos": 16,
-    "conv_pos_groups": 2,
-    "deep_norm": True,
-    "relative_position_embedding": True,
-    "gru_rel_pos": True,
-    "num_buckets": 32,
-    "max_distance": 800,
+#: What the classification model files may set (the ASR ones set only model_name and preset).
+CLASSIFIER_SETTINGS = {
+    "model_name",
+    "prepare",
+    "number_of_epochs",
+    "batch_size",
+    "lr_head",
+    "lr_encoder",
+    "layer_decay",
+    "warmup_steps",
+    "freeze_encoder",
+    "beats_cfg",
+    "emb_dim",
+    "ckpt_path",
 }
 
 
@@ -51,7 +52,7 @@ def beats_checkpoint(tmp_path_factory):
     from lobes.beats import BEATs
 
     path = tmp_path_factory.mktemp("beats") / "beats.pt"
-    torch.save({"cfg": TINY_BEATS, "model": BEATs(cfg=TINY_BEATS).state_dict()}, path)
+    torch.save({"cfg": TINY_BEATS_CFG, "model": BEATs(cfg=TINY_BEATS_CFG).state_dict()}, path)
     return path
 
 
@@ -74,23 +75,7 @@ def test_the_recipe_folders_hold_the_expected_model_files():
     "folder,allowed",
     [
         (ASR, {"model_name", "preset"}),
-        (
-            CLASSIFICATION,
-            {
-                "model_name",
-                "prepare",
-                "number_of_epochs",
-                "batch_size",
-                "lr_head",
-                "lr_encoder",
-                "layer_decay",
-                "warmup_steps",
-                "freeze_encoder",
-                "beats_cfg",
-                "emb_dim",
-                "ckpt_path",
-            },
-        ),
+        (CLASSIFICATION, CLASSIFIER_SETTINGS),
     ],
     ids=["ASR", "AudioClassification"],
 )
@@ -131,19 +116,8 @@ def _normalised(value, name):
         (
             CLASSIFICATION,
             CLASSIFIERS,
-            {
-                "model_name",
-                "prepare",
-                "number_of_epochs",
-                "batch_size",
-                "lr_head",
-                "lr_encoder",
-                "layer_decay",
-                "warmup_steps",
-                "freeze_encoder",
-                "beats_cfg",
-                "emb_dim",
-                "ckpt_path",
+            CLASSIFIER_SETTINGS
+            | {
                 # built from the settings above
                 "epoch_counter",
                 "checkpointer",
@@ -217,7 +191,7 @@ def _types(value):
 def test_saved_hyperparams_load_back_into_the_same_objects(path, debug, beats_checkpoint, tmp_path, monkeypatch):
     overrides = _overrides(path.stem, beats_checkpoint) or {}
     if path.stem == "beats_tiny":
-        overrides = {"beats_cfg": TINY_BEATS, "emb_dim": 32}
+        overrides = {"beats_cfg": TINY_BEATS_CFG, "emb_dim": 32}
     hparams = load_hparams(path, {**overrides, "output_folder": tmp_path / "out"}, debug=debug)
     saved = save_hyperparams(hparams, tmp_path / "out")
     monkeypatch.chdir(tmp_path)  # loaded from elsewhere: every path is absolute

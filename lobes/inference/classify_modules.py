@@ -5,17 +5,9 @@ are :class:`Passthrough`; ``embedding_model`` is :class:`BEATsEmbedding` (BEATs,
 that the true length of each clip covers: a clip gives the same result alone or padded inside a batch),
 ``classifier`` a :class:`ClassifierHead` and ``label_encoder`` :class:`ClassLabels`. Their load hooks are
 strict and name the file on any mismatch. Folders name these classes ``lobes.inference.classify.X``:
-:mod:`lobes.inference.classify` exports them.
-
-Example
--------
->>> import torch
->>> from lobes.beats import BEATsConfig, masked_mean
->>> cfg = BEATsConfig.released(encoder_layers=1, encoder_embed_dim=32, encoder_ffn_embed_dim=64,
-...                            embed_dim=32, encoder_attention_heads=4, conv_pos=16, conv_pos_groups=2)
->>> embedding, head = BEATsEmbedding(BEATs(cfg=cfg), masked_mean), ClassifierHead(32, 3)
->>> head(embedding(torch.randn(2, 16000), torch.tensor([1.0, 0.5]))).shape
-torch.Size([2, 1, 3])
+:mod:`lobes.inference.classify` exports them. The examples of :class:`BEATsEmbedding` and
+:class:`ClassifierHead` chain: waveforms ``(B, N)`` -> embeddings ``(B, 1, C)`` -> log-probabilities
+``(B, 1, classes)``.
 """
 
 from __future__ import annotations
