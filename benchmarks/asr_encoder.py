@@ -37,8 +37,14 @@ def build_encoder(kind: str, layers: int, d_model: int, d_ffn: int, nhead: int):
     if kind == "hyperconformer":
         return hyperconformer_encoder(layers, d_model, d_ffn, nhead, kernel_size=31)
     if kind == "conformer_relpos":
-        return ConformerEncoder(layers, d_model, d_ffn, functools.partial(RelPosMHAXL, d_model, nhead),
-                                kernel_size=31, pos_encoding=RelPosEncXL(d_model))
+        return ConformerEncoder(
+            layers,
+            d_model,
+            d_ffn,
+            functools.partial(RelPosMHAXL, d_model, nhead),
+            kernel_size=31,
+            pos_encoding=RelPosEncXL(d_model),
+        )
     if kind == "speechbrain_hyperconformer":
         from speechbrain.lobes.models.transformer.Conformer import ConformerEncoder as SBConformerEncoder
 
@@ -86,8 +92,9 @@ def main(argv=None) -> None:
     for sec in seconds:
         row = {"seconds": sec, "frames": int(sec * FRAMES_PER_SECOND)}
         for kind in CANDIDATES:
-            res = measure(setup_step, kind, sec, batch, *sizes.values(), repeats=repeats, warmup=1,
-                          threads=args.threads)
+            res = measure(
+                setup_step, kind, sec, batch, *sizes.values(), repeats=repeats, warmup=1, threads=args.threads
+            )
             results[kind][sec] = res
             if not res["ok"]:
                 logger.warning("%s at %s s failed: %s", kind, sec, res["error"])
@@ -100,20 +107,39 @@ def main(argv=None) -> None:
         row["speedup_vs_speechbrain"] = fmt(ratio(sbh.get("time_s"), hyper.get("time_s")), ".2f")
         rows.append(row)
 
-    columns = ["seconds", "frames"] + [f"{k}_{u}" for k in CANDIDATES for u in ("s", "MiB")] + [
-        "speedup_vs_conformer", "memory_ratio_conformer/ours", "speedup_vs_speechbrain"]
+    columns = (
+        ["seconds", "frames"]
+        + [f"{k}_{u}" for k in CANDIDATES for u in ("s", "MiB")]
+        + ["speedup_vs_conformer", "memory_ratio_conformer/ours", "speedup_vs_speechbrain"]
+    )
     table = print_table(rows, columns)
     name = "asr_encoder_quick" if args.quick else "asr_encoder"
-    payload = {"config": {**sizes, "batch": batch, "repeats": repeats, "threads": args.threads,
-                          "frames_per_second": FRAMES_PER_SECOND, "quick": args.quick},
-               "results": {k: {str(s): v for s, v in r.items()} for k, r in results.items()}, "table": table}
+    payload = {
+        "config": {
+            **sizes,
+            "batch": batch,
+            "repeats": repeats,
+            "threads": args.threads,
+            "frames_per_second": FRAMES_PER_SECOND,
+            "quick": args.quick,
+        },
+        "results": {k: {str(s): v for s, v in r.items()} for k, r in results.items()},
+        "table": table,
+    }
     print(f"JSON: {write_json(name, payload)}")
     series = {
         "time": {k: [results[k][s].get("time_s") for s in seconds] for k in CANDIDATES},
         "memory": {k: [results[k][s].get("peak_mib") for s in seconds] for k in CANDIDATES},
     }
-    png = plot_lines(name, seconds, series, "utterance length (s)", ("train step time (s)", "peak memory (MiB)"),
-                     ("time", "memory"), f"ASR encoder train step, batch {batch}, {layers} layers, d_model 144")
+    png = plot_lines(
+        name,
+        seconds,
+        series,
+        "utterance length (s)",
+        ("train step time (s)", "peak memory (MiB)"),
+        ("time", "memory"),
+        f"ASR encoder train step, batch {batch}, {layers} layers, d_model 144",
+    )
     print(f"PNG: {png}")
 
 

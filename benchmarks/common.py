@@ -48,8 +48,9 @@ def _allocated_peak_mib(step: Callable) -> float:
         warnings.simplefilter("ignore")
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             step()
-    changes = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
-                     if e.self_cpu_memory_usage)  # allocations (+) and frees (-), in time order
+    changes = sorted(
+        (e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage
+    )  # allocations (+) and frees (-), in time order
     live = peak = 0
     for _, delta in changes:
         live += delta
@@ -72,15 +73,22 @@ def _worker(queue, setup: Callable, args: tuple, repeats: int, warmup: int, thre
             step()
             times.append(time.perf_counter() - t0)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
-        queue.put({"ok": True, "time_s": statistics.median(times), "times_s": times,
-                   "peak_mib": max(peak - base, 0.0), "alloc_peak_mib": _allocated_peak_mib(step)})
+        queue.put(
+            {
+                "ok": True,
+                "time_s": statistics.median(times),
+                "times_s": times,
+                "peak_mib": max(peak - base, 0.0),
+                "alloc_peak_mib": _allocated_peak_mib(step),
+            }
+        )
     except Exception as exc:  # reported to the parent, which records the failure in the table
-        queue.put({"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                   "trace": traceback.format_exc(limit=3)})
+        queue.put({"ok": False, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc(limit=3)})
 
 
-def measure(setup: Callable, *args: Any, repeats: int = 5, warmup: int = 1, threads: int = 2,
-            timeout_s: float = 1800.0) -> dict:
+def measure(
+    setup: Callable, *args: Any, repeats: int = 5, warmup: int = 1, threads: int = 2, timeout_s: float = 1800.0
+) -> dict:
     """Run ``setup(*args)()`` ``warmup + repeats`` times in a fresh process.
 
     ``setup`` must be a module-level function (it is pickled by reference). It builds what the step needs
@@ -137,8 +145,17 @@ def write_json(name: str, payload: dict, out_dir: Path = OUT_DIR) -> Path:
     return atomic_write_text(out_dir / f"{name}.json", json.dumps(payload, indent=2, default=str))
 
 
-def plot_lines(name: str, x: list, series: dict[str, list], xlabel: str, ylabels: tuple[str, ...],
-               panels: tuple[str, ...], title: str, out_dir: Path = OUT_DIR, logy: bool = True) -> Path:
+def plot_lines(
+    name: str,
+    x: list,
+    series: dict[str, list],
+    xlabel: str,
+    ylabels: tuple[str, ...],
+    panels: tuple[str, ...],
+    title: str,
+    out_dir: Path = OUT_DIR,
+    logy: bool = True,
+) -> Path:
     """One PNG with one panel per metric: ``series[panel][label] -> values over x`` (None = not run)."""
     import matplotlib
 

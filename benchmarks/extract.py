@@ -52,8 +52,20 @@ def _write_checkpoint(path: Path, layers: int) -> None:
 
 def _run_extraction(inputs: Path, output: Path, ckpt: Path, precision: str, threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "lobes.extract", "--input", str(inputs), "--output", str(output),
-           "--checkpoint", str(ckpt), "--precision", precision, "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lobes.extract",
+        "--input",
+        str(inputs),
+        "--output",
+        str(output),
+        "--checkpoint",
+        str(ckpt),
+        "--precision",
+        precision,
+        "--quiet",
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -82,16 +94,35 @@ def main(argv: list[str] | None = None) -> dict:
         total = _write_inputs(tmp / "audio", files, seconds)
         _write_checkpoint(tmp / "beats.pt", layers)
         for precision in ("fp32", "bf16"):
-            results[precision] = _run_extraction(tmp / "audio", tmp / f"out_{precision}", tmp / "beats.pt",
-                                                 precision, args.threads)
-    rows = [{"precision": p, "audio_s_per_s": r.get("audio_s_per_s"), "encode_s": r.get("encode_s"),
-             "wall_s (process)": round(r["wall_s"], 1) if r.get("wall_s") else None, "error": r.get("error", "")}
-            for p, r in results.items()]
-    print(f"\nlobes.extract, BEATs {layers} layers (random weights), {files} files, {total:.0f} s of audio, "
-          f"{args.threads} threads")
+            results[precision] = _run_extraction(
+                tmp / "audio", tmp / f"out_{precision}", tmp / "beats.pt", precision, args.threads
+            )
+    rows = [
+        {
+            "precision": p,
+            "audio_s_per_s": r.get("audio_s_per_s"),
+            "encode_s": r.get("encode_s"),
+            "wall_s (process)": round(r["wall_s"], 1) if r.get("wall_s") else None,
+            "error": r.get("error", ""),
+        }
+        for p, r in results.items()
+    ]
+    print(
+        f"\nlobes.extract, BEATs {layers} layers (random weights), {files} files, {total:.0f} s of audio, "
+        f"{args.threads} threads"
+    )
     print_table(rows, ["precision", "audio_s_per_s", "encode_s", "wall_s (process)", "error"])
-    payload = {"config": {"files": files, "seconds": seconds, "audio_s": total, "layers": layers,
-                          "threads": args.threads, "quick": args.quick}, "results": results}
+    payload = {
+        "config": {
+            "files": files,
+            "seconds": seconds,
+            "audio_s": total,
+            "layers": layers,
+            "threads": args.threads,
+            "quick": args.quick,
+        },
+        "results": results,
+    }
     print(f"wrote {write_json('extract_quick' if args.quick else 'extract', payload)}")
     return payload
 

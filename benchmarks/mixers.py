@@ -131,32 +131,52 @@ def main(argv: list[str] | None = None) -> dict:
             row["speedup vs sb"] = row["memory vs sb"] = row["RSS vs sb"] = "-"
         rows.append(row)
 
-    columns = (["L"] + [f"{n} {u}" for n in names for u in ("s", "MiB", "RSS")]
-               + ["speedup vs sb", "memory vs sb", "RSS vs sb"])
-    print(f"\nForward + backward, B={BATCH}, d={D_MODEL}, heads={HEADS}, hypernet={HYPERNET}, "
-          f"{args.threads} threads (s = median seconds per step, MiB = peak live tensor memory, "
-          f"RSS = peak resident memory above baseline, MiB)")
+    columns = (
+        ["L"]
+        + [f"{n} {u}" for n in names for u in ("s", "MiB", "RSS")]
+        + ["speedup vs sb", "memory vs sb", "RSS vs sb"]
+    )
+    print(
+        f"\nForward + backward, B={BATCH}, d={D_MODEL}, heads={HEADS}, hypernet={HYPERNET}, "
+        f"{args.threads} threads (s = median seconds per step, MiB = peak live tensor memory, "
+        f"RSS = peak resident memory above baseline, MiB)"
+    )
     table = print_table(rows, columns)
     skipped = sorted({f"{n}: {r['skipped']}" for n in names for r in results[n].values() if "skipped" in r})
     for line in skipped:
         print(f"skipped  {line}")
 
     payload = {
-        "config": {"batch": BATCH, "d_model": D_MODEL, "heads": HEADS, "hypernet_size": HYPERNET,
-                   "threads": args.threads, "repeats": repeats, "warmup": warmup, "lengths": list(lengths)},
+        "config": {
+            "batch": BATCH,
+            "d_model": D_MODEL,
+            "heads": HEADS,
+            "hypernet_size": HYPERNET,
+            "threads": args.threads,
+            "repeats": repeats,
+            "warmup": warmup,
+            "lengths": list(lengths),
+        },
         "results": {n: {str(k): v for k, v in r.items()} for n, r in results.items()},
         "table": table,
     }
     name = "mixers_quick" if args.quick else "mixers"
     path = write_json(name, payload)
     series = {
-        panel: {n: [results[n][length].get(key) if results[n][length]["ok"] else None for length in lengths]
-                for n in names}
+        panel: {
+            n: [results[n][length].get(key) if results[n][length]["ok"] else None for length in lengths] for n in names
+        }
         for panel, key in (("time", "time_s"), ("memory", "alloc_peak_mib"))
     }
-    png = plot_lines(name, list(lengths), series, xlabel="sequence length L",
-                     ylabels=("seconds per forward + backward", "peak live tensor MiB"),
-                     panels=("time", "memory"), title=f"Token mixers, B={BATCH}, d={D_MODEL}, {HEADS} heads")
+    png = plot_lines(
+        name,
+        list(lengths),
+        series,
+        xlabel="sequence length L",
+        ylabels=("seconds per forward + backward", "peak live tensor MiB"),
+        panels=("time", "memory"),
+        title=f"Token mixers, B={BATCH}, d={D_MODEL}, {HEADS} heads",
+    )
     print(f"wrote {path} and {png}")
     return payload
 

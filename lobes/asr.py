@@ -163,8 +163,14 @@ class ConvFrontEnd(nn.Module):
     (torch.Size([2, 26, 640]), [26, 10], 640)
     """
 
-    def __init__(self, n_mels: int = 80, channels: Sequence[int] = (64, 32), kernel_size: int = 3,
-                 dropout: float = 0.1, activation: Callable[[], nn.Module] = nn.LeakyReLU):
+    def __init__(
+        self,
+        n_mels: int = 80,
+        channels: Sequence[int] = (64, 32),
+        kernel_size: int = 3,
+        dropout: float = 0.1,
+        activation: Callable[[], nn.Module] = nn.LeakyReLU,
+    ):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
@@ -231,28 +237,40 @@ class AttentionDecoder(nn.Module):
     torch.Size([2, 4, 16])
     """
 
-    def __init__(self, vocab_size: int, d_model: int, num_layers: int, nhead: int, d_ffn: int,
-                 pos_encoding: nn.Module, dropout: float = 0.1, activation: Callable[[], nn.Module] = nn.GELU):
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        num_layers: int,
+        nhead: int,
+        d_ffn: int,
+        pos_encoding: nn.Module,
+        dropout: float = 0.1,
+        activation: Callable[[], nn.Module] = nn.GELU,
+    ):
         super().__init__()
         from speechbrain.lobes.models.transformer.Transformer import TransformerDecoder
 
         self.embedding = nn.Embedding(vocab_size, d_model)
         self.scale = d_model**0.5
         self.pos_encoding = pos_encoding
-        self.decoder = TransformerDecoder(num_layers, nhead, d_ffn, d_model, dropout=dropout,
-                                          activation=activation, normalize_before=True)
+        self.decoder = TransformerDecoder(
+            num_layers, nhead, d_ffn, d_model, dropout=dropout, activation=activation, normalize_before=True
+        )
         # speechbrain's Linear (weights under ``.w``): its S2S searchers read ``seq_lin.w.out_features``
         self.seq_lin = Linear(input_size=d_model, n_neurons=vocab_size)
 
-    def forward(self, tokens: torch.Tensor, memory: torch.Tensor,
-                memory_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, tokens: torch.Tensor, memory: torch.Tensor, memory_lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, U) input tokens, (B, T, D) encoder output, (B,) valid encoder frames ->
         (B, U, D) hidden states and the last layer's cross-attention weights."""
         tokens = tokens.long()  # speechbrain's searchers keep their token memory as floats
         tgt = self.embedding(tokens) * self.scale  # (B, U, D)
         tgt = tgt + self.pos_encoding(tgt)
-        causal = torch.triu(torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool,
-                                       device=tokens.device), diagonal=1)  # (U, U), True = hidden
+        causal = torch.triu(
+            torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool, device=tokens.device), diagonal=1
+        )  # (U, U), True = hidden
         causal = torch.zeros(causal.shape, device=tokens.device).masked_fill(causal, float("-inf"))
         mem_pad = lengths_to_padding_mask(memory_lengths.to(memory.device), memory.shape[1])
         hidden, _, cross = self.decoder(tgt, memory, tgt_mask=causal, memory_key_padding_mask=mem_pad)
@@ -311,16 +329,27 @@ class ASRModel(nn.Module):
     norm_eps: float = 1e-5
     """Variance floor of the feature normalisation."""
 
-    def __init__(self, encoder: Encoder, vocab_size: int, d_model: int, n_mels: int = 80,
-                 frontend_channels: Sequence[int] = (64, 32), dropout: float = 0.1,
-                 pos_encoding: Optional[nn.Module] = None, decoder: Optional[AttentionDecoder] = None,
-                 sample_rate: int = 16000, n_fft: int = 400, frontend_dropout: Optional[float] = None):
+    def __init__(
+        self,
+        encoder: Encoder,
+        vocab_size: int,
+        d_model: int,
+        n_mels: int = 80,
+        frontend_channels: Sequence[int] = (64, 32),
+        dropout: float = 0.1,
+        pos_encoding: Optional[nn.Module] = None,
+        decoder: Optional[AttentionDecoder] = None,
+        sample_rate: int = 16000,
+        n_fft: int = 400,
+        frontend_dropout: Optional[float] = None,
+    ):
         super().__init__()
         self.sample_rate = sample_rate
         self.hop_length = sample_rate // 100  # 10 ms
         self.compute_fbank = Fbank(sample_rate=sample_rate, n_fft=n_fft, n_mels=n_mels)
-        self.frontend = ConvFrontEnd(n_mels, frontend_channels,
-                                     dropout=dropout if frontend_dropout is None else frontend_dropout)
+        self.frontend = ConvFrontEnd(
+            n_mels, frontend_channels, dropout=dropout if frontend_dropout is None else frontend_dropout
+        )
         self.proj = nn.Sequential(nn.Linear(self.frontend.output_size, d_model), nn.Dropout(dropout))
         self.pos_encoding = pos_encoding
         self.encoder = encoder
@@ -349,9 +378,13 @@ class ASRModel(nn.Module):
         with torch.autocast(wavs.device.type, enabled=False):
             return self.compute_fbank(wavs.float())
 
-    def features(self, wavs: torch.Tensor, wav_lens: torch.Tensor,
-                 stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                 sample_rate: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(
+        self,
+        wavs: torch.Tensor,
+        wav_lens: torch.Tensor,
+        stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        sample_rate: Optional[int] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, S) waveforms and (B,) relative lengths -> (B, T, n_mels) normalised fbank and (B,) frames.
 
         Arguments
@@ -379,8 +412,9 @@ class ASRModel(nn.Module):
         lengths = torch.div(samples, self.hop_length, rounding_mode="floor") + 1  # centred frames
         return self.normalise(self.fbank(wavs), lengths, stats)
 
-    def normalise(self, feats: torch.Tensor, lengths: torch.Tensor,
-                  stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def normalise(
+        self, feats: torch.Tensor, lengths: torch.Tensor, stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean/variance normalisation of (B, T, F) fbank with (B,) valid frames; padded frames become zero.
 
         Each row is normalised with the mean and variance of its own valid frames, or with ``stats``, a
@@ -422,8 +456,9 @@ class ASRModel(nn.Module):
         """(B, T', D) -> (B, T', V) CTC log-probabilities (float32, also under autocast)."""
         return torch.log_softmax(self.ctc_lin(enc).float(), dim=-1)
 
-    def decode(self, tokens: torch.Tensor, enc: torch.Tensor,
-               enc_lens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(
+        self, tokens: torch.Tensor, enc: torch.Tensor, enc_lens: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention-decoder states (B, U, D) for input tokens (B, U) given the encoder output (B, T', D)
         and (B,) absolute valid frames (the signature speechbrain's ``S2STransformerBeamSearcher`` uses)."""
         if self.decoder is None:
@@ -432,9 +467,14 @@ class ASRModel(nn.Module):
             enc_lens = torch.full((enc.shape[0],), enc.shape[1], device=enc.device)
         return self.decoder(tokens, enc, enc_lens.round().long())
 
-    def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor, tokens_bos: Optional[torch.Tensor] = None,
-                feature_augment: Optional[Callable] = None, sample_rate: Optional[int] = None,
-                ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    def forward(
+        self,
+        wavs: torch.Tensor,
+        wav_lens: torch.Tensor,
+        tokens_bos: Optional[torch.Tensor] = None,
+        feature_augment: Optional[Callable] = None,
+        sample_rate: Optional[int] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Run the whole model.
 
         Arguments
@@ -461,8 +501,9 @@ class ASRModel(nn.Module):
             augmented = feature_augment(feats, lengths.float() / feats.shape[1])
             augmented = augmented[0] if isinstance(augmented, tuple) else augmented
             if augmented.shape != feats.shape:
-                raise ValueError(f"feature_augment must keep the shape {tuple(feats.shape)}, "
-                                 f"got {tuple(augmented.shape)}")
+                raise ValueError(
+                    f"feature_augment must keep the shape {tuple(feats.shape)}, got {tuple(augmented.shape)}"
+                )
             feats = augmented
         enc, lengths = self.encode(feats, lengths)
         seq = None

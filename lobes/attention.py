@@ -116,9 +116,7 @@ def _check_seq(name: str, x: torch.Tensor, features: int) -> None:
     if x.dim() != 3:
         raise ValueError(f"{name}: expected a (batch, time, {features}) tensor, got shape {tuple(x.shape)}")
     if x.size(-1) != features:
-        raise ValueError(
-            f"{name}: expected {features} features in the last dimension, got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"{name}: expected {features} features in the last dimension, got shape {tuple(x.shape)}")
 
 
 def _as_additive_or_bool(mask: torch.Tensor) -> torch.Tensor:
@@ -128,9 +126,7 @@ def _as_additive_or_bool(mask: torch.Tensor) -> torch.Tensor:
     return mask != 0
 
 
-def _merge_masks(
-    masks: list[torch.Tensor], dtype: torch.dtype
-) -> Optional[torch.Tensor]:
+def _merge_masks(masks: list[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     """Merge broadcastable masks into one: bool (True = blocked) if all are bool, else additive float."""
     if not masks:
         return None
@@ -182,9 +178,7 @@ class PositionalEncoding(nn.Module):
     def __init__(self, input_size: int, max_len: int = 2500) -> None:
         super().__init__()
         if input_size <= 0 or input_size % 2 != 0:
-            raise ValueError(
-                f"PositionalEncoding: input_size must be a positive even number, got {input_size}"
-            )
+            raise ValueError(f"PositionalEncoding: input_size must be a positive even number, got {input_size}")
         if max_len < 0:
             raise ValueError(f"PositionalEncoding: max_len must be >= 0, got {max_len}")
         self.input_size = input_size
@@ -349,10 +343,24 @@ class MultiHeadAttention(nn.Module):
                 "load_from: expected torch.nn.MultiheadAttention or a module holding one as `.att`, "
                 f"got {type(source).__name__}"
             )
-        ours = (self.embed_dim, self.num_heads, self.kdim, self.vdim, self.in_proj_bias is not None,
-                self.bias_k is not None, self.add_zero_attn)
-        theirs = (mha.embed_dim, mha.num_heads, mha.kdim, mha.vdim, mha.in_proj_bias is not None,
-                  mha.bias_k is not None, mha.add_zero_attn)
+        ours = (
+            self.embed_dim,
+            self.num_heads,
+            self.kdim,
+            self.vdim,
+            self.in_proj_bias is not None,
+            self.bias_k is not None,
+            self.add_zero_attn,
+        )
+        theirs = (
+            mha.embed_dim,
+            mha.num_heads,
+            mha.kdim,
+            mha.vdim,
+            mha.in_proj_bias is not None,
+            mha.bias_k is not None,
+            mha.add_zero_attn,
+        )
         if ours != theirs:
             names = ("d_model", "nhead", "kdim", "vdim", "bias", "add_bias_kv", "add_zero_attn")
             diff = ", ".join(f"{n}: ours {a} vs source {b}" for n, a, b in zip(names, ours, theirs) if a != b)
@@ -375,9 +383,14 @@ class MultiHeadAttention(nn.Module):
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"from_torch: expected torch.nn.MultiheadAttention, got {type(source).__name__}")
         module = cls(
-            nhead=mha.num_heads, d_model=mha.embed_dim, dropout=mha.dropout,
-            bias=mha.in_proj_bias is not None, add_bias_kv=mha.bias_k is not None,
-            add_zero_attn=mha.add_zero_attn, kdim=mha.kdim, vdim=mha.vdim,
+            nhead=mha.num_heads,
+            d_model=mha.embed_dim,
+            dropout=mha.dropout,
+            bias=mha.in_proj_bias is not None,
+            add_bias_kv=mha.bias_k is not None,
+            add_zero_attn=mha.add_zero_attn,
+            kdim=mha.kdim,
+            vdim=mha.vdim,
         )
         module.to(device=mha.out_proj.weight.device, dtype=mha.out_proj.weight.dtype)
         return module.load_from(mha)
@@ -389,14 +402,17 @@ class MultiHeadAttention(nn.Module):
         """Input projections: (B, L, d), (B, S, d), (B, S, d)."""
         d = self.embed_dim
         b = self.in_proj_bias
-        bq, bk, bv = (None, None, None) if b is None else (b[:d], b[d:2 * d], b[2 * d:])
+        bq, bk, bv = (None, None, None) if b is None else (b[:d], b[d : 2 * d], b[2 * d :])
         if self._qkv_same_embed_dim:
             w = self.in_proj_weight
             if query is key and key is value:  # self-attention: one matmul
                 return F.linear(query, w, b).chunk(3, dim=-1)
-            return F.linear(query, w[:d], bq), F.linear(key, w[d:2 * d], bk), F.linear(value, w[2 * d:], bv)
-        return (F.linear(query, self.q_proj_weight, bq), F.linear(key, self.k_proj_weight, bk),
-                F.linear(value, self.v_proj_weight, bv))
+            return F.linear(query, w[:d], bq), F.linear(key, w[d : 2 * d], bk), F.linear(value, w[2 * d :], bv)
+        return (
+            F.linear(query, self.q_proj_weight, bq),
+            F.linear(key, self.k_proj_weight, bk),
+            F.linear(value, self.v_proj_weight, bv),
+        )
 
     def _mix_time(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor]
@@ -411,8 +427,7 @@ class MultiHeadAttention(nn.Module):
         B, L, S = query.size(0), query.size(1), key.size(1)
         if key.size(0) != B or value.size(0) != B:
             raise ValueError(
-                f"query, key and value must share the batch size, got {query.size(0)}, {key.size(0)}, "
-                f"{value.size(0)}"
+                f"query, key and value must share the batch size, got {query.size(0)}, {key.size(0)}, {value.size(0)}"
             )
         if value.size(1) != S:
             raise ValueError(f"key and value must share the length, got {S} and {value.size(1)}")
@@ -472,8 +487,15 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self._mix_time(q, k, v, key_padding_mask)
 
         # masks, broadcastable to (B, H, L, S); a causal mask alone goes to the fused kernel as is_causal
-        only_causal = (self.causal and not return_attn_weights and attn_mask is None and pos_embs is None
-                       and key_padding_mask is None and self.bias_k is None and not self.add_zero_attn)
+        only_causal = (
+            self.causal
+            and not return_attn_weights
+            and attn_mask is None
+            and pos_embs is None
+            and key_padding_mask is None
+            and self.bias_k is None
+            and not self.add_zero_attn
+        )
         masks: list[torch.Tensor] = []
         if self.causal and not only_causal:
             masks.append(_causal_mask(L, S, q.device).view(1, 1, L, S))
@@ -523,8 +545,7 @@ class MultiHeadAttention(nn.Module):
             out = torch.matmul(weights, v)  # (B, H, L, hd)
         else:
             sdpa_mask = None if mask is None else (~mask if mask.dtype == torch.bool else mask)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=p_drop,
-                                                 is_causal=only_causal)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=p_drop, is_causal=only_causal)
             if dead is not None:
                 out = out.masked_fill(dead, 0.0)
         out = out.transpose(1, 2).reshape(B, L, self.embed_dim)  # (B, L, d)
@@ -636,5 +657,8 @@ class MultiDConvHeadAttention(MultiHeadAttention):
             w = torch.cat([self._kernel(self.q_dconv), self._kernel(self.k_dconv), self._kernel(self.v_dconv)])
             # contiguous parts: strided views would push SDPA off its fused path onto the (L, S) one
             return tuple(part.contiguous() for part in self._dconv(qkv, w).chunk(3, dim=-1))
-        return (self._dconv(q, self._kernel(self.q_dconv)), self._dconv(k, self._kernel(self.k_dconv)),
-                self._dconv(v, self._kernel(self.v_dconv)))
+        return (
+            self._dconv(q, self._kernel(self.q_dconv)),
+            self._dconv(k, self._kernel(self.k_dconv)),
+            self._dconv(v, self._kernel(self.v_dconv)),
+        )

@@ -44,8 +44,9 @@ def _check_hypermixing(prefix: str, params: dict[str, torch.Tensor]) -> int:
     """Check the shapes of one HyperMixing's parameters (names relative to ``prefix``); returns d."""
     where = f"HyperMixing at '{prefix or '<root>'}'"
     for gen in ("w1_gen", "w2_gen"):
-        missing = [n for n in ("fc1_weights", "fc1_biases", "fc2_weights", "fc2_biases")
-                   if f"hyper.{gen}.{n}" not in params]
+        missing = [
+            n for n in ("fc1_weights", "fc1_biases", "fc2_weights", "fc2_biases") if f"hyper.{gen}.{n}" not in params
+        ]
         if missing:
             raise KeyError(f"{where}: missing {', '.join(f'{prefix}hyper.{gen}.{n}' for n in missing)}")
     w1 = params["hyper.w1_gen.fc1_weights"]
@@ -66,9 +67,7 @@ def _check_hypermixing(prefix: str, params: dict[str, torch.Tensor]) -> int:
                 raise ValueError(f"{where}: {prefix}hyper.{gen}.{name} has shape {got}, expected {shape}")
     d = heads * d_head
     if hidden != d_head:
-        raise ValueError(
-            f"{where}: hypernetwork hidden size per head ({hidden}) must equal d/heads ({d_head})"
-        )
+        raise ValueError(f"{where}: hypernetwork hidden size per head ({hidden}) must equal d/heads ({d_head})")
     for name in ("layer_norm.weight", "layer_norm.bias"):
         if name not in params:
             raise KeyError(f"{where}: missing {prefix}{name}")
@@ -130,8 +129,9 @@ def convert_speechbrain_state_dict(state_dict: Mapping[str, torch.Tensor]) -> "O
     if isinstance(state_dict, torch.nn.Module):
         raise TypeError("convert_speechbrain_state_dict: pass module.state_dict(), not the module")
     if not isinstance(state_dict, Mapping):
-        raise TypeError(f"convert_speechbrain_state_dict: expected a mapping of names to tensors, "
-                        f"got {type(state_dict).__name__}")
+        raise TypeError(
+            f"convert_speechbrain_state_dict: expected a mapping of names to tensors, got {type(state_dict).__name__}"
+        )
     for key, value in state_dict.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise TypeError(
@@ -154,13 +154,14 @@ def convert_speechbrain_state_dict(state_dict: Mapping[str, torch.Tensor]) -> "O
         modules.setdefault(prefix, {})["hyper." + rest] = value
     for key, value in state_dict.items():
         for prefix in modules:
-            if key.startswith(prefix) and key[len(prefix):] in _OWN_KEYS:
-                modules[prefix][key[len(prefix):]] = value
+            if key.startswith(prefix) and key[len(prefix) :] in _OWN_KEYS:
+                modules[prefix][key[len(prefix) :]] = value
     for prefix, params in modules.items():
         _check_hypermixing(prefix, params)
 
     tables = {prefix + "positional_encoding.pe" for prefix in modules}  # constant buffers ours computes
     converted = OrderedDict((key, value) for key, value in state_dict.items() if key not in tables)
-    logger.debug("converted %d HyperMixing modules, dropped %d positional tables", len(modules),
-                 len(state_dict) - len(converted))
+    logger.debug(
+        "converted %d HyperMixing modules, dropped %d positional tables", len(modules), len(state_dict) - len(converted)
+    )
     return converted

@@ -74,8 +74,15 @@ class ConvolutionModule(nn.Module):
     torch.Size([2, 7, 16])
     """
 
-    def __init__(self, d_model: int, kernel_size: int = 31, activation: Callable[[], nn.Module] = nn.SiLU,
-                 dropout: float = 0.0, bias: bool = True, causal: bool = False):
+    def __init__(
+        self,
+        d_model: int,
+        kernel_size: int = 31,
+        activation: Callable[[], nn.Module] = nn.SiLU,
+        dropout: float = 0.0,
+        bias: bool = True,
+        causal: bool = False,
+    ):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
@@ -134,9 +141,17 @@ class ConformerEncoderLayer(nn.Module):
     torch.Size([2, 5, 16])
     """
 
-    def __init__(self, d_model: int, d_ffn: int, mixer: TokenMixer, kernel_size: int = 31,
-                 activation: Callable[[], nn.Module] = nn.SiLU, dropout: float = 0.0, bias: bool = True,
-                 causal: bool = False):
+    def __init__(
+        self,
+        d_model: int,
+        d_ffn: int,
+        mixer: TokenMixer,
+        kernel_size: int = 31,
+        activation: Callable[[], nn.Module] = nn.SiLU,
+        dropout: float = 0.0,
+        bias: bool = True,
+        causal: bool = False,
+    ):
         super().__init__()
         self.ffn_module1 = _half_step_ffn(d_model, d_ffn, activation, dropout)
         self.norm1 = LayerNorm(d_model)
@@ -145,9 +160,14 @@ class ConformerEncoderLayer(nn.Module):
         self.ffn_module2 = _half_step_ffn(d_model, d_ffn, activation, dropout)
         self.norm2 = LayerNorm(d_model)
 
-    def forward(self, x: torch.Tensor, src_mask: Optional[torch.Tensor] = None,
-                src_key_padding_mask: Optional[torch.Tensor] = None, pos_embs: Optional[torch.Tensor] = None,
-                return_attn_weights: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        src_mask: Optional[torch.Tensor] = None,
+        src_key_padding_mask: Optional[torch.Tensor] = None,
+        pos_embs: Optional[torch.Tensor] = None,
+        return_attn_weights: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Apply the layer.
 
         Arguments
@@ -169,8 +189,9 @@ class ConformerEncoderLayer(nn.Module):
             (B, T, D) output and the mixer's weights (``None`` unless requested).
         """
         x = x + 0.5 * self.ffn_module1(x)
-        mixed, weights = mix_tokens(self.mha_layer, self.norm1(x), src_mask, src_key_padding_mask, pos_embs,
-                                    return_attn_weights)
+        mixed, weights = mix_tokens(
+            self.mha_layer, self.norm1(x), src_mask, src_key_padding_mask, pos_embs, return_attn_weights
+        )
         x = x + mixed
         x = x + self.convolution_module(x, src_key_padding_mask)
         x = self.norm2(x + 0.5 * self.ffn_module2(x))
@@ -218,18 +239,36 @@ class ConformerEncoder(EncoderStack):
     torch.Size([2, 9, 16])
     """
 
-    def __init__(self, num_layers: int, d_model: int, d_ffn: int, mixer: MixerSpec, kernel_size: int = 31,
-                 activation: Callable[[], nn.Module] = nn.SiLU, dropout: float = 0.0, bias: bool = True,
-                 causal: bool = False, pos_encoding: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        num_layers: int,
+        d_model: int,
+        d_ffn: int,
+        mixer: MixerSpec,
+        kernel_size: int = 31,
+        activation: Callable[[], nn.Module] = nn.SiLU,
+        dropout: float = 0.0,
+        bias: bool = True,
+        causal: bool = False,
+        pos_encoding: Optional[nn.Module] = None,
+    ):
         def make_layer(m: TokenMixer) -> ConformerEncoderLayer:
             return ConformerEncoderLayer(d_model, d_ffn, m, kernel_size, activation, dropout, bias, causal)
 
         super().__init__(num_layers, d_model, mixer, make_layer, LayerNorm(d_model, eps=1e-6), pos_encoding)
 
 
-def hyperconformer_encoder(num_layers: int, d_model: int, d_ffn: int, nhead: int, kernel_size: int = 31,
-                           dropout: float = 0.0, activation: Callable[[], nn.Module] = nn.SiLU,
-                           bias: bool = True, causal: bool = False) -> ConformerEncoder:
+def hyperconformer_encoder(
+    num_layers: int,
+    d_model: int,
+    d_ffn: int,
+    nhead: int,
+    kernel_size: int = 31,
+    dropout: float = 0.0,
+    activation: Callable[[], nn.Module] = nn.SiLU,
+    bias: bool = True,
+    causal: bool = False,
+) -> ConformerEncoder:
     """HyperConformer encoder laid out like speechbrain's ``ConformerEncoder(attention_type="hypermixing")``.
 
     Every layer's mixer is ``HyperMixing(d_model, hypernet_size=d_ffn, tied=False, num_heads=nhead,

@@ -77,7 +77,7 @@ class WordNgramLM:
         for sentence in sentences:
             ids = [bos] * (order - 1) + [self.index[w] for w in sentence] + [self.eos]
             for i in range(order - 1, len(ids)):
-                gram = tuple(ids[i - order + 1: i + 1])
+                gram = tuple(ids[i - order + 1 : i + 1])
                 raw[gram[:-1]][gram[-1]] += 1
                 for k in range(1, order):  # lower-order n-grams gram[k:], preceded by gram[k - 1]
                     left[gram[k:]].add(gram[k - 1])
@@ -113,7 +113,7 @@ class WordNgramLM:
     def log_probs_ids(self, context: tuple[int, ...]) -> np.ndarray:
         """:meth:`log_probs` for word indices (read-only array, cached per context)."""
         k = self.order - 1
-        context = ((self._bos,) * k + tuple(context))[len(context):] if k else ()
+        context = ((self._bos,) * k + tuple(context))[len(context) :] if k else ()
         cached = self._cache.get(context)
         if cached is None:
             if len(self._cache) * (len(self.words) + 1) > _CACHE_FLOATS:  # bounded for large vocabularies
@@ -128,7 +128,7 @@ class WordNgramLM:
         ids = [self.index[w] for w in sentence.split()]
         total = 0.0
         for i, w in enumerate(ids + [self.eos]):
-            total += float(self.log_probs_ids(tuple(ids[max(0, i - self.order + 1): i]))[w])
+            total += float(self.log_probs_ids(tuple(ids[max(0, i - self.order + 1) : i]))[w])
         return total
 
 
@@ -205,9 +205,17 @@ class CTCLexiconDecoder:
     [['AB', 'B']]
     """
 
-    def __init__(self, spellings: dict[str, Sequence[int]], word_start_tokens: Iterable[int],
-                 lm: WordNgramLM | None = None, blank_index: int = 0, beam_size: int = 16, lm_weight: float = 0.5,
-                 word_bonus: float = 1.0, token_prune: float = 10.0):
+    def __init__(
+        self,
+        spellings: dict[str, Sequence[int]],
+        word_start_tokens: Iterable[int],
+        lm: WordNgramLM | None = None,
+        blank_index: int = 0,
+        beam_size: int = 16,
+        lm_weight: float = 0.5,
+        word_bonus: float = 1.0,
+        token_prune: float = 10.0,
+    ):
         if not spellings:
             raise ValueError("the lexicon is empty")
         empty = [w for w, toks in spellings.items() if len(toks) == 0]
@@ -216,8 +224,9 @@ class CTCLexiconDecoder:
         starts = set(int(t) for t in word_start_tokens)
         bad = [w for w, toks in spellings.items() if toks[0] not in starts or any(t in starts for t in toks[1:])]
         if bad:
-            raise ValueError(f"each spelling must begin with a word-start token and contain no other; offending "
-                             f"words: {bad[:5]}")
+            raise ValueError(
+                f"each spelling must begin with a word-start token and contain no other; offending words: {bad[:5]}"
+            )
         if lm is not None:
             missing = [w for w in spellings if w not in lm.index]
             if missing:
@@ -262,13 +271,13 @@ class CTCLexiconDecoder:
 
     def _context(self, words: tuple[int, ...]) -> tuple[int, ...]:
         k = self.lm.order - 1
-        return tuple(int(self._lm_ids[w]) for w in words[len(words) - k:]) if k else ()
+        return tuple(int(self._lm_ids[w]) for w in words[len(words) - k :]) if k else ()
 
     def _lookahead(self, words: tuple[int, ...], node: int) -> float:
         if self.lm is None or node == 0:
             return 0.0
         lp = self._dfs_log_probs(self._context(words))
-        return self.lm_weight * float(lp[self.trie.lo[node]: self.trie.hi[node]].max())
+        return self.lm_weight * float(lp[self.trie.lo[node] : self.trie.hi[node]].max())
 
     def _word_score(self, words: tuple[int, ...], word: int) -> float:
         """Weighted LM log-probability of ``word`` after ``words``, plus the word bonus."""
@@ -326,8 +335,9 @@ class CTCLexiconDecoder:
                     if target is None:
                         target = nxt[new_key] = [neg, neg, c, new_lm]
                     target[1] = lse(target[1], source + pc)
-            scored = sorted(nxt.items(), key=lambda kv: -(lse(kv[1][0], kv[1][1]) + kv[1][3]
-                                                           + self._lookahead(kv[0][0], kv[0][1])))
+            scored = sorted(
+                nxt.items(), key=lambda kv: -(lse(kv[1][0], kv[1][1]) + kv[1][3] + self._lookahead(kv[0][0], kv[0][1]))
+            )
             beams = dict(scored[: self.beam_size])
         best_words, best_score = (), neg
         for (words, node), (pb, pnb, _, lm) in beams.items():

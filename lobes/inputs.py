@@ -170,12 +170,14 @@ def collect_inputs(
     seen: dict[str, str] = {}
     for path, key in entries:
         if key in seen and seen[key] != path:
-            raise UsageError(f"{path} and {seen[key]} have the same name {key!r}; pass them separately "
-                             "or through a CSV with distinct IDs")
+            raise UsageError(
+                f"{path} and {seen[key]} have the same name {key!r}; pass them separately "
+                "or through a CSV with distinct IDs"
+            )
         seen[key] = path
     entries = sorted(set(entries), key=lambda e: e[1])
     files, errors = [], []
-    for path, key in entries[shard[0]::shard[1]]:
+    for path, key in entries[shard[0] :: shard[1]]:
         try:
             files.append(AudioInput(path, key, audio_duration(path)))
         except AudioError as exc:  # report the file, keep going
@@ -379,16 +381,20 @@ def check_run_settings(record: str | os.PathLike, settings: Mapping[str, Any], o
         try:
             old = json.loads(record.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise SettingsMismatch(f"{record}: unreadable settings record ({exc}); remove it or pass "
-                                   "--overwrite") from None
+            raise SettingsMismatch(
+                f"{record}: unreadable settings record ({exc}); remove it or pass --overwrite"
+            ) from None
         if old == settings:
             return True
         if not overwrite:
             keys = sorted(set(old) | set(settings))
-            diffs = [f"{k}: {old.get(k)!r} before, {settings.get(k)!r} now" for k in keys
-                     if old.get(k) != settings.get(k)]
-            raise SettingsMismatch(f"{record.parent} was made with other settings: {'; '.join(diffs)}; use "
-                                   "another output, the same settings to resume, or --overwrite to start over")
+            diffs = [
+                f"{k}: {old.get(k)!r} before, {settings.get(k)!r} now" for k in keys if old.get(k) != settings.get(k)
+            ]
+            raise SettingsMismatch(
+                f"{record.parent} was made with other settings: {'; '.join(diffs)}; use "
+                "another output, the same settings to resume, or --overwrite to start over"
+            )
         atomic_write_text(record, json.dumps(settings, indent=1, sort_keys=True))
         return False
     atomic_write_text(record, json.dumps(settings, indent=1, sort_keys=True))

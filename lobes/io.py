@@ -87,8 +87,9 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
     tmp = _temporary_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as with open()
     try:
-        with os.fdopen(fd, mode, encoding=(encoding or "utf-8") if mode == "w" else None,
-                       newline="" if mode == "w" else None) as f:
+        with os.fdopen(
+            fd, mode, encoding=(encoding or "utf-8") if mode == "w" else None, newline="" if mode == "w" else None
+        ) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -149,8 +150,9 @@ def audio_duration(path: str | os.PathLike) -> float:
     try:
         info = sf.info(str(path))
     except Exception as exc:  # soundfile raises several types (LibsndfileError, RuntimeError, ...)
-        raise AudioError(f"{path}: cannot read audio header ({_reason(exc)}); expected a file soundfile "
-                         "reads (wav, flac, ogg, ...)") from None
+        raise AudioError(
+            f"{path}: cannot read audio header ({_reason(exc)}); expected a file soundfile reads (wav, flac, ogg, ...)"
+        ) from None
     if info.samplerate <= 0:
         raise AudioError(f"{path}: invalid sample rate {info.samplerate}")
     return info.frames / info.samplerate
@@ -200,8 +202,9 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> torch.Tenso
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (T, channels)
     except Exception as exc:
-        raise AudioError(f"{path}: cannot decode audio ({_reason(exc)}); expected a file soundfile reads "
-                         "(wav, flac, ogg, ...)") from None
+        raise AudioError(
+            f"{path}: cannot decode audio ({_reason(exc)}); expected a file soundfile reads (wav, flac, ogg, ...)"
+        ) from None
     if data.shape[0] == 0:
         raise AudioError(f"{path}: the file holds no samples")
     wav = torch.from_numpy(np.ascontiguousarray(data)).mean(dim=1)  # (T,)

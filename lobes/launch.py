@@ -41,8 +41,12 @@ def should_spawn(num_processes: int, run_opts: dict) -> bool:
         raise ValueError(f"cpu_processes must be >= 1; got {num_processes}")
     already_launched = get_rank() is not None and get_local_rank() is not None
     device = str(run_opts.get("device") or "cpu")
-    return (int(num_processes) > 1 and not already_launched and device.startswith("cpu")
-            and not run_opts.get("data_parallel_backend", False))
+    return (
+        int(num_processes) > 1
+        and not already_launched
+        and device.startswith("cpu")
+        and not run_opts.get("data_parallel_backend", False)
+    )
 
 
 def _die_with_parent() -> None:
@@ -87,9 +91,17 @@ def spawn_cpu_workers(script: str, argv: list[str], num_processes: int, threads_
     port = _free_port()
     workers = []
     for rank in range(num_processes):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(num_processes),
-                   LOCAL_WORLD_SIZE=str(num_processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS=str(threads_per_process), MKL_NUM_THREADS=str(threads_per_process))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(num_processes),
+            LOCAL_WORLD_SIZE=str(num_processes),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS=str(threads_per_process),
+            MKL_NUM_THREADS=str(threads_per_process),
+        )
         workers.append(subprocess.Popen([sys.executable, script, *argv], env=env, preexec_fn=_die_with_parent))
     status = 0
     try:

@@ -184,12 +184,17 @@ def signature_mismatches(module: object, protocol: type) -> list[str]:
     by_name = {p.name for p in actual if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     problems = []
     if len(by_position) < len(positional) and not takes_args:
-        problems.append(f"forward takes {len(by_position)} positional argument(s), the call passes "
-                        f"{len(positional)} ({', '.join(positional)})")
+        problems.append(
+            f"forward takes {len(by_position)} positional argument(s), the call passes "
+            f"{len(positional)} ({', '.join(positional)})"
+        )
     problems += [f"forward has no parameter {name!r}" for name in keywords if name not in by_name and not takes_kwargs]
     filled = {p.name for p in by_position[: len(positional)]} | set(keywords)
-    problems += [f"forward requires {p.name!r}, which the call does not pass" for p in actual
-                 if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in filled]
+    problems += [
+        f"forward requires {p.name!r}, which the call does not pass"
+        for p in actual
+        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in filled
+    ]
     return problems
 
 
@@ -225,8 +230,9 @@ def check_token_mixer(mixer: object) -> TokenMixer:
         raise TypeError(f"a token mixer must be an nn.Module, got {type(mixer).__name__}")
     problems = signature_mismatches(mixer, TokenMixer)
     if problems:
-        raise TypeError(f"{type(mixer).__name__} is not a token mixer (lobes.mixers.TokenMixer): "
-                        + "; ".join(problems))
+        raise TypeError(
+            f"{type(mixer).__name__} is not a token mixer (lobes.mixers.TokenMixer): " + "; ".join(problems)
+        )
     return mixer
 
 
@@ -298,9 +304,14 @@ class PositionwiseFeedForward(nn.Module):
         return self.ffn(x)
 
 
-def mix_tokens(mixer: TokenMixer, x: torch.Tensor, src_mask: Optional[torch.Tensor],
-               pad_mask: Optional[torch.Tensor], pos_embs: Optional[torch.Tensor],
-               return_attn_weights: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def mix_tokens(
+    mixer: TokenMixer,
+    x: torch.Tensor,
+    src_mask: Optional[torch.Tensor],
+    pad_mask: Optional[torch.Tensor],
+    pos_embs: Optional[torch.Tensor],
+    return_attn_weights: bool,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Self-mix ``x`` with ``mixer`` after zeroing its padded frames: the token-mixing step of an encoder layer.
 
     Arguments
@@ -332,8 +343,15 @@ def mix_tokens(mixer: TokenMixer, x: torch.Tensor, src_mask: Optional[torch.Tens
     (torch.Size([2, 5, 16]), None)
     """
     x = zero_padding(x, pad_mask)
-    mixed = mixer(x, x, x, attn_mask=src_mask, key_padding_mask=pad_mask, return_attn_weights=return_attn_weights,
-                  pos_embs=pos_embs)
+    mixed = mixer(
+        x,
+        x,
+        x,
+        attn_mask=src_mask,
+        key_padding_mask=pad_mask,
+        return_attn_weights=return_attn_weights,
+        pos_embs=pos_embs,
+    )
     mixed, weights = mixed if isinstance(mixed, tuple) else (mixed, None)
     return mixed, (weights if return_attn_weights else None)
 
@@ -375,17 +393,29 @@ class EncoderStack(nn.Module):
     torch.Size([2, 5, 16])
     """
 
-    def __init__(self, num_layers: int, d_model: int, mixer: MixerSpec, make_layer: Callable[[TokenMixer], nn.Module],
-                 norm: nn.Module, pos_encoding: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        num_layers: int,
+        d_model: int,
+        mixer: MixerSpec,
+        make_layer: Callable[[TokenMixer], nn.Module],
+        norm: nn.Module,
+        pos_encoding: Optional[nn.Module] = None,
+    ):
         super().__init__()
         self.d_model = d_model
         self.layers = nn.ModuleList(make_layer(m) for m in make_mixers(mixer, num_layers))
         self.pos_encoding = pos_encoding
         self.norm = norm
 
-    def forward(self, src: torch.Tensor, src_mask: Optional[torch.Tensor] = None,
-                src_key_padding_mask: Optional[torch.Tensor] = None, pos_embs: Optional[torch.Tensor] = None,
-                return_attn_weights: bool = False) -> tuple[torch.Tensor, list]:
+    def forward(
+        self,
+        src: torch.Tensor,
+        src_mask: Optional[torch.Tensor] = None,
+        src_key_padding_mask: Optional[torch.Tensor] = None,
+        pos_embs: Optional[torch.Tensor] = None,
+        return_attn_weights: bool = False,
+    ) -> tuple[torch.Tensor, list]:
         """Encode a padded batch.
 
         Arguments
@@ -410,8 +440,10 @@ class EncoderStack(nn.Module):
         if src.dim() != 3 or src.shape[-1] != self.d_model:
             raise ValueError(f"expected input of shape (B, T, {self.d_model}), got {tuple(src.shape)}")
         if src_key_padding_mask is not None and src_key_padding_mask.shape != src.shape[:2]:
-            raise ValueError(f"expected src_key_padding_mask of shape {tuple(src.shape[:2])}, "
-                             f"got {tuple(src_key_padding_mask.shape)}")
+            raise ValueError(
+                f"expected src_key_padding_mask of shape {tuple(src.shape[:2])}, "
+                f"got {tuple(src_key_padding_mask.shape)}"
+            )
         if pos_embs is None and self.pos_encoding is not None:
             pos_embs = self.pos_encoding(src)
         out = zero_padding(src, src_key_padding_mask)

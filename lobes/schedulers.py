@@ -80,8 +80,12 @@ class WarmupCosineScheduler:
             raise ValueError(f"total_steps must be >= 1; got {total_steps}")
         if total_steps <= self.n_warmup_steps:
             shorter = total_steps // 4
-            logger.warning("the run has %d optimizer steps, no more than n_warmup_steps (%d): warming up over %d "
-                           "steps instead", total_steps, self.n_warmup_steps, shorter)
+            logger.warning(
+                "the run has %d optimizer steps, no more than n_warmup_steps (%d): warming up over %d steps instead",
+                total_steps,
+                self.n_warmup_steps,
+                shorter,
+            )
             self.n_warmup_steps = shorter
         self.total_steps = total_steps
 
@@ -105,9 +109,17 @@ class WarmupCosineScheduler:
 
     @checkpoints.mark_as_saver
     def save(self, path: str) -> None:
-        atomic_save({"lr": self.lr, "final_lr": self.final_lr, "n_warmup_steps": self.n_warmup_steps,
-                     "total_steps": self.total_steps, "current_step": self.current_step,
-                     "current_lr": self.current_lr}, path)
+        atomic_save(
+            {
+                "lr": self.lr,
+                "final_lr": self.final_lr,
+                "n_warmup_steps": self.n_warmup_steps,
+                "total_steps": self.total_steps,
+                "current_step": self.current_step,
+                "current_lr": self.current_lr,
+            },
+            path,
+        )
 
     @checkpoints.mark_as_loader
     def load(self, path: str, end_of_epoch: bool = False) -> None:

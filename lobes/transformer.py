@@ -25,18 +25,25 @@ __all__ = ["TransformerEncoder"]
 class _TransformerLayer(nn.Module):
     """Pre-norm Transformer layer: ``x + mixer(norm(x))`` then ``x + ffn(norm(x))``."""
 
-    def __init__(self, d_model: int, d_ffn: int, mixer: TokenMixer, activation: Callable[[], nn.Module],
-                 dropout: float):
+    def __init__(
+        self, d_model: int, d_ffn: int, mixer: TokenMixer, activation: Callable[[], nn.Module], dropout: float
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(d_model)
         self.mixer = check_token_mixer(mixer)
         self.drop = nn.Dropout(dropout)
-        self.ffn = nn.Sequential(nn.LayerNorm(d_model), PositionwiseFeedForward(d_model, d_ffn, activation, dropout),
-                                 nn.Dropout(dropout))
+        self.ffn = nn.Sequential(
+            nn.LayerNorm(d_model), PositionwiseFeedForward(d_model, d_ffn, activation, dropout), nn.Dropout(dropout)
+        )
 
-    def forward(self, x: torch.Tensor, src_mask: Optional[torch.Tensor], pad_mask: Optional[torch.Tensor],
-                pos_embs: Optional[torch.Tensor],
-                return_attn_weights: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        src_mask: Optional[torch.Tensor],
+        pad_mask: Optional[torch.Tensor],
+        pos_embs: Optional[torch.Tensor],
+        return_attn_weights: bool,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(B, T, D) -> (B, T, D) and the mixer's weights (``None`` unless requested)."""
         mixed, weights = mix_tokens(self.mixer, self.norm1(x), src_mask, pad_mask, pos_embs, return_attn_weights)
         x = x + self.drop(mixed)
@@ -78,9 +85,16 @@ class TransformerEncoder(EncoderStack):
     torch.Size([2, 5, 16])
     """
 
-    def __init__(self, num_layers: int, d_model: int, d_ffn: int, mixer: MixerSpec,
-                 activation: Callable[[], nn.Module] = nn.GELU, dropout: float = 0.0,
-                 pos_encoding: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        num_layers: int,
+        d_model: int,
+        d_ffn: int,
+        mixer: MixerSpec,
+        activation: Callable[[], nn.Module] = nn.GELU,
+        dropout: float = 0.0,
+        pos_encoding: Optional[nn.Module] = None,
+    ):
         def make_layer(m: TokenMixer) -> _TransformerLayer:
             return _TransformerLayer(d_model, d_ffn, m, activation, dropout)
 

@@ -64,8 +64,10 @@ def letter_tone_split(folder: Path, name: str, num: int, seed: int) -> str:
 
 def letter_tone_corpus(folder: Path, test_size: int) -> dict[str, str]:
     """Train (32), valid (4) and test (``test_size``) splits of :func:`letter_tone_split`: split name -> CSV."""
-    return {split: letter_tone_split(folder, split, n, seed)
-            for split, n, seed in (("train", 32, 1), ("valid", 4, 2), ("test", test_size, 3))}
+    return {
+        split: letter_tone_split(folder, split, n, seed)
+        for split, n, seed in (("train", 32, 1), ("valid", 4, 2), ("test", test_size, 3))
+    }
 
 
 def recipe_env() -> dict[str, str]:
@@ -73,21 +75,35 @@ def recipe_env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 
 
-def asr_recipe_args(corpus: dict[str, str], out: Path, epochs: int, *extra: str,
-                    yaml: str = "recipes/ASR/hparams/hyperconformer.yaml") -> list[str]:
+def asr_recipe_args(
+    corpus: dict[str, str], out: Path, epochs: int, *extra: str, yaml: str = "recipes/ASR/hparams/hyperconformer.yaml"
+) -> list[str]:
     """recipes/ASR/train.py's arguments for a tiny run on ``corpus`` (one CPU process, fixed batches unless
     ``extra`` says otherwise)."""
-    prepare = ("--prepare=!name:lobes.data.manifest.manifest_paths "
-               f"{{train: {corpus['train']}, valid: {corpus['valid']}, test: {corpus['test']}}}")
-    return [yaml, prepare, f"--output_folder={out}",
-            "--noise_csv=null", "--num_workers=0", f"--number_of_epochs={epochs}", "--batch_size=8",
-            "--n_warmup_steps=4", "--lr=0.005", f"--preset={TINY_ASR_PRESET}",
-            *([] if any(a.startswith("--cpu_processes") for a in extra) else ["--cpu_processes=1"]),
-            *([] if any(a.startswith("--dynamic_batching") for a in extra) else ["--dynamic_batching=False"]), *extra]
+    prepare = (
+        "--prepare=!name:lobes.data.manifest.manifest_paths "
+        f"{{train: {corpus['train']}, valid: {corpus['valid']}, test: {corpus['test']}}}"
+    )
+    return [
+        yaml,
+        prepare,
+        f"--output_folder={out}",
+        "--noise_csv=null",
+        "--num_workers=0",
+        f"--number_of_epochs={epochs}",
+        "--batch_size=8",
+        "--n_warmup_steps=4",
+        "--lr=0.005",
+        f"--preset={TINY_ASR_PRESET}",
+        *([] if any(a.startswith("--cpu_processes") for a in extra) else ["--cpu_processes=1"]),
+        *([] if any(a.startswith("--dynamic_batching") for a in extra) else ["--dynamic_batching=False"]),
+        *extra,
+    ]
 
 
-def run_asr_recipe(args: Sequence[str], timeout: float = 300,
-                   launcher: Optional[list[str]] = None) -> subprocess.CompletedProcess:
+def run_asr_recipe(
+    args: Sequence[str], timeout: float = 300, launcher: Optional[list[str]] = None
+) -> subprocess.CompletedProcess:
     """Run recipes/ASR/train.py from the repository root (``launcher``: e.g. torchrun instead of python) and
     assert that it succeeded."""
     cmd = (launcher or [sys.executable]) + [str(ASR_TRAIN)] + list(args)
@@ -134,8 +150,9 @@ def class_clip(label: str, rng: np.random.Generator, rate: int) -> np.ndarray:
     return (0.5 * np.sin(2 * np.pi * f0 * t) + 0.02 * rng.standard_normal(n)).astype(np.float32)
 
 
-def tone_class_corpus(root: Path, per_class: dict[str, int], stereo_every: int,
-                      right_gain: float) -> tuple[Path, dict[str, Path]]:
+def tone_class_corpus(
+    root: Path, per_class: dict[str, int], stereo_every: int, right_gain: float
+) -> tuple[Path, dict[str, Path]]:
     """ID, duration, wav, label CSVs in ``root`` (``$data_root`` paths), ``per_class[split]`` clips of each class
     at 16 / 22.05 / 8 kHz in turn; clip ``i`` is stereo (right channel ``right_gain`` x left) when
     ``i % stereo_every == 1``. Returns ``(root, split -> CSV path)``."""

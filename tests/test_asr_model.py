@@ -31,8 +31,9 @@ def _tiny_model(decoder: bool = False, mixer: str = "hypermixing") -> ASRModel:
     else:
         enc = ConformerEncoder(2, 16, 32, functools.partial(MultiDConvHeadAttention, 2, 16), kernel_size=5)
     dec = AttentionDecoder(12, 16, 1, 2, 32, PositionalEncoding(16)) if decoder else None
-    return ASRModel(enc, 12, 16, n_mels=40, frontend_channels=(8, 4), pos_encoding=PositionalEncoding(16),
-                    decoder=dec).eval()
+    return ASRModel(
+        enc, 12, 16, n_mels=40, frontend_channels=(8, 4), pos_encoding=PositionalEncoding(16), decoder=dec
+    ).eval()
 
 
 @pytest.mark.parametrize("frames", [1, 2, 3, 4, 5, 101])
@@ -125,9 +126,15 @@ def test_decoder_outputs_and_speechbrain_searchers():
     assert len(beam) == 2
 
     enc, enc_frames = model.encode(*model.features(wavs, rel))
-    searcher = S2STransformerBeamSearcher(modules=[model, model.seq_lin], bos_index=1, eos_index=2,
-                                          min_decode_ratio=0.0, max_decode_ratio=1.0, beam_size=2,
-                                          using_eos_threshold=False)
+    searcher = S2STransformerBeamSearcher(
+        modules=[model, model.seq_lin],
+        bos_index=1,
+        eos_index=2,
+        min_decode_ratio=0.0,
+        max_decode_ratio=1.0,
+        beam_size=2,
+        using_eos_threshold=False,
+    )
     hyps, _, _, _ = searcher(enc, enc_frames.float() / enc.shape[1])
     assert len(hyps) == 2
 
@@ -171,8 +178,9 @@ def test_recipe_yaml_loads_a_preset(recipe, tmp_path):
     from lobes.data.speech import prepare_speech_corpus
     from lobes.recipe import load_hparams
 
-    hp = load_hparams(ROOT / "recipes" / "ASR" / "hparams" / f"{recipe}.yaml",
-                      {"noise_csv": None, "output_folder": str(tmp_path)})
+    hp = load_hparams(
+        ROOT / "recipes" / "ASR" / "hparams" / f"{recipe}.yaml", {"noise_csv": None, "output_folder": str(tmp_path)}
+    )
     assert hp["model"] is hp["modules"]["model"]
     assert hp["model"].ctc_lin.out_features == hp["output_neurons"]
     assert hp["model"].sample_rate == hp["sample_rate"] == 16000 and hp["model"].frame_samples == 640
@@ -210,11 +218,20 @@ def test_lexicon_corrector_distances_and_choices():
 
 
 def test_frontend_dropout_and_float32_features_under_autocast():
-    model = ASRModel(hyperconformer_encoder(1, 16, 32, 2, kernel_size=3), vocab_size=10, d_model=16,
-                     dropout=0.1, frontend_dropout=0.0)
+    model = ASRModel(
+        hyperconformer_encoder(1, 16, 32, 2, kernel_size=3),
+        vocab_size=10,
+        d_model=16,
+        dropout=0.1,
+        frontend_dropout=0.0,
+    )
     assert model.frontend.dropout.p == 0.0 and model.proj[1].p == 0.1
-    assert ASRModel(hyperconformer_encoder(1, 16, 32, 2, kernel_size=3), vocab_size=10, d_model=16,
-                    dropout=0.1).frontend.dropout.p == 0.1
+    assert (
+        ASRModel(
+            hyperconformer_encoder(1, 16, 32, 2, kernel_size=3), vocab_size=10, d_model=16, dropout=0.1
+        ).frontend.dropout.p
+        == 0.1
+    )
     wav = torch.randn(2, 8000)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         feats, _ = model.features(wav, torch.tensor([1.0, 0.5]))

@@ -51,14 +51,17 @@ def test_tiny_training_then_resume_with_a_higher_epoch_limit(corpus, tmp_path):
     log_before = (out / "log.txt").read_text()
     assert "Going into epoch 2" in log_before and "Going into epoch 3" not in log_before
     # the cosine schedule spans exactly the 2 epochs: mid-way after the first, zero after the last
-    lrs = [float(line.split("lr: ")[1].split(" ")[0]) for line in (out / "train_log.txt").read_text().splitlines()
-           if line.startswith("epoch:")]
+    lrs = [
+        float(line.split("lr: ")[1].split(" ")[0])
+        for line in (out / "train_log.txt").read_text().splitlines()
+        if line.startswith("epoch:")
+    ]
     assert lrs[0] > 0.001 and lrs[1] == 0.0
 
     # the same command with a higher limit continues from epoch 2's checkpoint (and tests with speechbrain's
     # CTC beam search instead of the lexicon decoder)
     run_asr_recipe(_args(corpus, out, 3, "--test_decoder=null", "--test_beam_size=3"))
-    log_after = (out / "log.txt").read_text()[len(log_before):]
+    log_after = (out / "log.txt").read_text()[len(log_before) :]
     assert "Loading a checkpoint" in log_after
     assert "Going into epoch 3" in log_after and "Going into epoch 1" not in log_after
     assert sorted(_history(out), key=int) == ["1", "2", "3"]
@@ -85,10 +88,24 @@ def test_kill_during_training_then_resume(corpus, tmp_path, processes):
     out = tmp_path / "killed"
     # length-bucketed batches (2 s of audio each): resuming mid-epoch goes through speechbrain's batch sampler;
     # with 2 processes, plain `python train.py` runs 2 DDP workers that must die with it
-    args = _args(corpus, out, 1, "--ckpt_interval_minutes=0", "--ckpt_interval_steps=1", "--dynamic_batching=True",
-                 "--max_batch_len=2", "--num_buckets=3", f"--cpu_processes={processes}")
-    proc = subprocess.Popen([sys.executable, str(ASR_TRAIN)] + args, cwd=ROOT, env=recipe_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = _args(
+        corpus,
+        out,
+        1,
+        "--ckpt_interval_minutes=0",
+        "--ckpt_interval_steps=1",
+        "--dynamic_batching=True",
+        "--max_batch_len=2",
+        "--num_buckets=3",
+        f"--cpu_processes={processes}",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(ASR_TRAIN)] + args,
+        cwd=ROOT,
+        env=recipe_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     save = out / "save"
     try:
@@ -121,8 +138,19 @@ def test_two_process_ddp_debug_run(corpus, tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
-    run_asr_recipe(_args(corpus, out, 1, "--debug", "--distributed_backend=gloo", "--dynamic_batching=True",
-                         "--max_batch_len=2", "--num_buckets=3"), launcher=launcher)
+    run_asr_recipe(
+        _args(
+            corpus,
+            out,
+            1,
+            "--debug",
+            "--distributed_backend=gloo",
+            "--dynamic_batching=True",
+            "--max_batch_len=2",
+            "--num_buckets=3",
+        ),
+        launcher=launcher,
+    )
     assert (out / "test_wer.txt").exists()
     log = (out / "log.txt").read_text()
     assert log.count("Beginning experiment!") >= 1
@@ -135,10 +163,16 @@ def test_default_debug_run_from_inside_the_recipe_folder(tmp_path):
 
     recipe = ROOT / "recipes" / "ASR"
     before = sorted(os.listdir(recipe))
-    args = ["hparams/hyperconformer.yaml", "--debug", f"--root={tmp_path}", f"--preset={TINY_ASR_PRESET}",
-            "--noprogressbar"]
-    proc = subprocess.run([sys.executable, "train.py", *args], cwd=recipe, env=recipe_env(), capture_output=True,
-                          text=True, timeout=300)
+    args = [
+        "hparams/hyperconformer.yaml",
+        "--debug",
+        f"--root={tmp_path}",
+        f"--preset={TINY_ASR_PRESET}",
+        "--noprogressbar",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "train.py", *args], cwd=recipe, env=recipe_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(os.listdir(recipe)) == before  # nothing written beside the recipe
     assert sorted(os.listdir(tmp_path / "data")) == ["embedded_speech_debug"]  # the full corpus is not touched
@@ -159,9 +193,13 @@ def test_main_job_on_the_embedded_corpus(tmp_path):
     """The full default recipe: synthesize the corpus, train, evaluate on unseen voices (long: ~20 min)."""
     out = tmp_path / "main"
     start = time.time()
-    run_asr_recipe(["recipes/ASR/hparams/hyperconformer.yaml", f"--output_folder={out}",
-                    f"--data_folder={tmp_path / 'corpus'}"], timeout=3600)
+    run_asr_recipe(
+        ["recipes/ASR/hparams/hyperconformer.yaml", f"--output_folder={out}", f"--data_folder={tmp_path / 'corpus'}"],
+        timeout=3600,
+    )
     wer, others = _test_wer(out)
-    print(f"test WER on unseen voices: {wer:.2f} % (greedy {others['greedy']:.2f} %) in "
-          f"{(time.time() - start) / 60:.1f} min")
+    print(
+        f"test WER on unseen voices: {wer:.2f} % (greedy {others['greedy']:.2f} %) in "
+        f"{(time.time() - start) / 60:.1f} min"
+    )
     assert wer <= 15.0

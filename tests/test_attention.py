@@ -3,11 +3,11 @@ positional table; Multi-DConv-Head attention variants, causality and padding inv
 
 import pytest
 import torch
+from memory_probe import largest_storage
 from speechbrain.lobes.models.transformer.Transformer import PositionalEncoding as SBPositionalEncoding
 from speechbrain.nnet.attention import MultiheadAttention as SBMultiheadAttention
 from speechbrain.nnet.attention import PositionalwiseFeedForward
 
-from memory_probe import largest_storage
 from lobes.attention import (
     DCONV_VARIANTS,
     MultiDConvHeadAttention,
@@ -51,8 +51,18 @@ def _masks(kind):
 # ------------------------------------------------------------------------------------------ MHA
 @pytest.mark.parametrize("need_weights", [True, False])
 @pytest.mark.parametrize(
-    "kind", ["none", "key_padding", "bool_attn", "float_attn", "causal", "causal+padding", "float+padding",
-             "per_head_bool", "float_key_padding"]
+    "kind",
+    [
+        "none",
+        "key_padding",
+        "bool_attn",
+        "float_attn",
+        "causal",
+        "causal+padding",
+        "float+padding",
+        "per_head_bool",
+        "float_key_padding",
+    ],
 )
 def test_mha_matches_torch(kind, need_weights):
     ref = torch.nn.MultiheadAttention(D, H, batch_first=True)
@@ -71,8 +81,13 @@ def test_mha_matches_torch(kind, need_weights):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(kdim=24, vdim=40), dict(bias=False), dict(add_bias_kv=True), dict(add_zero_attn=True),
-     dict(add_bias_kv=True, add_zero_attn=True)],
+    [
+        dict(kdim=24, vdim=40),
+        dict(bias=False),
+        dict(add_bias_kv=True),
+        dict(add_zero_attn=True),
+        dict(add_bias_kv=True, add_zero_attn=True),
+    ],
 )
 def test_mha_options_match_torch(kwargs):
     ref = torch.nn.MultiheadAttention(D, H, batch_first=True, **kwargs)
@@ -206,7 +221,7 @@ def test_padding_invariance(name, net):
         res = net(x_padded, x_padded, x_padded, key_padding_mask=mask, return_attn_weights=need_weights)
         batched = res[0] if need_weights else res
         for i, n in enumerate(lengths):
-            xi = x[i:i + 1, :n]
+            xi = x[i : i + 1, :n]
             alone = net(xi, xi, xi, return_attn_weights=False)
             assert (batched[i, :n] - alone[0]).abs().max().item() <= TOL, (name, i)
 
@@ -298,8 +313,9 @@ def test_dconv_cross_attention_shapes():
     assert not weights[1, :, 4:].any()
 
 
-@pytest.mark.parametrize("make", [lambda: MultiHeadAttention(2, 16), lambda: MultiDConvHeadAttention(2, 16)],
-                         ids=["mha", "dconv"])
+@pytest.mark.parametrize(
+    "make", [lambda: MultiHeadAttention(2, 16), lambda: MultiDConvHeadAttention(2, 16)], ids=["mha", "dconv"]
+)
 def test_fused_path_allocates_nothing_quadratic(make):
     """Without requested weights or masks, attention stays on SDPA's fused path: no (B, H, L, L) scores."""
     module, (B, L) = make(), (2, 1024)

@@ -71,8 +71,10 @@ def _write_microsoft_checkpoint(path, cfg, label_dict=None, seed=0):
         table = torch.randn(cfg["num_buckets"], cfg["encoder_attention_heads"], generator=g)
         for i in range(cfg["encoder_layers"]):
             state[f"encoder.layers.{i}.self_attn.relative_attention_bias.weight"] = table
-    for old, new in (("parametrizations.weight.original0", "weight_g"),
-                     ("parametrizations.weight.original1", "weight_v")):
+    for old, new in (
+        ("parametrizations.weight.original0", "weight_g"),
+        ("parametrizations.weight.original1", "weight_v"),
+    ):
         state[f"encoder.pos_conv.0.{new}"] = state.pop(f"encoder.pos_conv.0.{old}")
     ckpt = {"cfg": cfg, "model": state}
     if label_dict is not None:
@@ -109,8 +111,17 @@ def pair(as2m_ckpt):
 
 
 def _tiny_cfg(**kw):
-    base = dict(encoder_layers=2, encoder_embed_dim=32, encoder_ffn_embed_dim=64, encoder_attention_heads=4,
-                embed_dim=24, conv_pos=16, conv_pos_groups=4, dropout=0.0, attention_dropout=0.0)
+    base = dict(
+        encoder_layers=2,
+        encoder_embed_dim=32,
+        encoder_ffn_embed_dim=64,
+        encoder_attention_heads=4,
+        embed_dim=24,
+        conv_pos=16,
+        conv_pos_groups=4,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
     base.update(kw)
     return BEATsConfig.released(**base)
 
@@ -325,16 +336,29 @@ def test_checkpoint_errors(pretrained_ckpt, tmp_path):
     assert issubclass(BEATsCheckpointError, ValueError)
 
 
-@pytest.mark.parametrize("cfg", [
-    _tiny_cfg(),
-    _tiny_cfg(finetuned_model=True, predictor_class=5, conv_bias=True, num_buckets=40, input_patch_size=8),
-    BEATsConfig(encoder_layers=3, encoder_embed_dim=32, encoder_ffn_embed_dim=48, encoder_attention_heads=2,
-                embed_dim=32, conv_pos=12, conv_pos_groups=8),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        _tiny_cfg(),
+        _tiny_cfg(finetuned_model=True, predictor_class=5, conv_bias=True, num_buckets=40, input_patch_size=8),
+        BEATsConfig(
+            encoder_layers=3,
+            encoder_embed_dim=32,
+            encoder_ffn_embed_dim=48,
+            encoder_attention_heads=2,
+            embed_dim=32,
+            conv_pos=12,
+            conv_pos_groups=8,
+        ),
+    ],
+)
 def test_config_from_weights_reads_back_every_visible_field(cfg):
     found = config_from_weights(BEATs(cfg=cfg).state_dict())
-    expected = set(WEIGHT_FIELDS) if cfg.relative_position_embedding else (
-        set(WEIGHT_FIELDS) - {"num_buckets", "encoder_attention_heads"})
+    expected = (
+        set(WEIGHT_FIELDS)
+        if cfg.relative_position_embedding
+        else (set(WEIGHT_FIELDS) - {"num_buckets", "encoder_attention_heads"})
+    )
     if not cfg.finetuned_model:
         expected.discard("predictor_class")
     assert set(found) == expected
@@ -354,8 +378,11 @@ def _partial_checkpoint(tmp_path, pretrained_ckpt, drop=(), **changes):
 def test_cfg_that_contradicts_the_weights_names_field_and_key(pretrained_ckpt, tmp_path):
     table = "encoder.layers.0.self_attn.relative_attention_bias.weight"  # (320, 4) in this checkpoint
     partial = _partial_checkpoint(tmp_path, pretrained_ckpt, num_buckets=64)
-    with pytest.raises(BEATsCheckpointError, match=rf"cfg num_buckets=64 but the weights \({table}\) imply "
-                                                   "num_buckets=320"):
+    with pytest.raises(
+        BEATsCheckpointError,
+        match=rf"cfg num_buckets=64 but the weights \({table}\) imply "
+        "num_buckets=320",
+    ):
         BEATs(partial)
     # A missing field whose default cannot be right given the weights is an error saying how to fix it.
     raw = torch.load(pretrained_ckpt, weights_only=True)
@@ -364,8 +391,11 @@ def test_cfg_that_contradicts_the_weights_names_field_and_key(pretrained_ckpt, t
         model[f"encoder.layers.{i}.self_attn.relative_attention_bias.weight"] = torch.randn(64, 4)
     cfg = {k: v for k, v in raw["cfg"].items() if k != "num_buckets"}
     torch.save({"cfg": cfg, "model": model}, tmp_path / "buckets.pt")
-    with pytest.raises(BEATsCheckpointError, match=r"cfg has no 'num_buckets', so 320 was assumed, but the "
-                                                   rf"weights \({table}\) imply 64.*cfg=\{{'num_buckets': 64\}}"):
+    with pytest.raises(
+        BEATsCheckpointError,
+        match=r"cfg has no 'num_buckets', so 320 was assumed, but the "
+        rf"weights \({table}\) imply 64.*cfg=\{{'num_buckets': 64\}}",
+    ):
         BEATs(tmp_path / "buckets.pt")
     fixed = BEATs(tmp_path / "buckets.pt", cfg={"num_buckets": 64})  # the way out the message names
     assert fixed.encoder.num_buckets == 64
@@ -378,8 +408,9 @@ def test_cfg_that_contradicts_the_weights_names_field_and_key(pretrained_ckpt, t
 def test_missing_hidden_fields_warn_with_the_assumed_value(pretrained_ckpt, tmp_path, caplog):
     assert set(HIDDEN_FORWARD_FIELDS) >= {"deep_norm", "max_distance", "activation_fn", "layer_norm_first"}
     assert "layer_wise_gradient_decay_ratio" not in HIDDEN_FORWARD_FIELDS  # gradients only
-    path = _partial_checkpoint(tmp_path, pretrained_ckpt,
-                               drop=("deep_norm", "max_distance", "layer_wise_gradient_decay_ratio", "dropout"))
+    path = _partial_checkpoint(
+        tmp_path, pretrained_ckpt, drop=("deep_norm", "max_distance", "layer_wise_gradient_decay_ratio", "dropout")
+    )
     with caplog.at_level(logging.WARNING, logger="lobes.beats"):
         model = BEATs(path)
     messages = [r.getMessage() for r in caplog.records]
@@ -531,13 +562,15 @@ def test_finetuning_gradients_and_loss_decreases():
 
 
 def test_layer_gradcheck_float64():
-    model = BEATs(cfg=_tiny_cfg(encoder_embed_dim=8, encoder_ffn_embed_dim=16, encoder_attention_heads=2),
-                  freeze=False).double()
+    model = BEATs(
+        cfg=_tiny_cfg(encoder_embed_dim=8, encoder_ffn_embed_dim=16, encoder_attention_heads=2), freeze=False
+    ).double()
     layer, enc = model.encoder.layers[0], model.encoder
     x = torch.randn(1, 6, 8, dtype=torch.float64, requires_grad=True)
     key_mask = torch.tensor([[[[0.0] * 4 + [float("-inf")] * 2]]], dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda t: layer(t, enc.position_bias(6, t.device), key_mask)[:, :4], (x,),
-                                    fast_mode=True)
+    assert torch.autograd.gradcheck(
+        lambda t: layer(t, enc.position_bias(6, t.device), key_mask)[:, :4], (x,), fast_mode=True
+    )
 
 
 def test_frozen_model_stays_eval_without_grad(pretrained_ckpt):
@@ -594,8 +627,13 @@ def test_cuda_half_precision(pretrained_ckpt):
 @pytest.mark.parametrize("channels, groups", [(64, 8), (768, 16)])  # 8 and 48 channels per group
 def test_bfloat16_positional_conv_any_group_width(channels, groups):
     """CPU bf16 grouped conv1d is wrong for groups not a multiple of 16 channels wide: ours must not be."""
-    cfg = dict(encoder_embed_dim=channels, encoder_attention_heads=4, encoder_ffn_embed_dim=2 * channels,
-               encoder_layers=1, conv_pos_groups=groups)
+    cfg = dict(
+        encoder_embed_dim=channels,
+        encoder_attention_heads=4,
+        encoder_ffn_embed_dim=2 * channels,
+        encoder_layers=1,
+        conv_pos_groups=groups,
+    )
     conv = BEATs(cfg=cfg).encoder.pos_conv.eval()
     x = torch.randn(2, channels, 120)
     ref = conv(x)

@@ -28,8 +28,9 @@ from lobes.beats import BEATs
 @pytest.fixture(scope="module")
 def csv_corpus(tmp_path_factory):
     """Three easy classes at mixed sample rates and channel counts, as ID, wav, label CSVs."""
-    return tone_class_corpus(tmp_path_factory.mktemp("corpus"), {"train": 8, "valid": 2, "test": 4}, stereo_every=4,
-                             right_gain=1.0)
+    return tone_class_corpus(
+        tmp_path_factory.mktemp("corpus"), {"train": 8, "valid": 2, "test": 4}, stereo_every=4, right_gain=1.0
+    )
 
 
 def _checkpoint(path, label_dict):
@@ -50,10 +51,23 @@ def _tiny_model_args():
 
 def test_tiny_training_beats_chance_and_writes_outputs(csv_corpus, tmp_path):
     out = tmp_path / "run"
-    classification_recipe().main([str(CLASSIFICATION / "hparams" / "beats_tiny.yaml"),
-                                  *classification_csv_args(csv_corpus, out), *_tiny_model_args(),
-                                  "--number_of_epochs", "4", "--batch_size", "6",
-                                  "--warmup_steps", "4", "--lr_head", "0.003", "--lr_encoder", "0.003"])
+    classification_recipe().main(
+        [
+            str(CLASSIFICATION / "hparams" / "beats_tiny.yaml"),
+            *classification_csv_args(csv_corpus, out),
+            *_tiny_model_args(),
+            "--number_of_epochs",
+            "4",
+            "--batch_size",
+            "6",
+            "--warmup_steps",
+            "4",
+            "--lr_head",
+            "0.003",
+            "--lr_encoder",
+            "0.003",
+        ]
+    )
     results = json.loads((out / "test_results.json").read_text())
     assert results["num_test"] == 4 * len(CLASSES)
     assert sorted(results["per_class_accuracy"]) == sorted(CLASSES)
@@ -68,12 +82,23 @@ def test_tiny_training_beats_chance_and_writes_outputs(csv_corpus, tmp_path):
 
 def test_param_groups_layer_wise_decay():
     recipe = classification_recipe()
-    modules = torch.nn.ModuleDict({"encoder": BEATs(cfg={**TINY_BEATS_CFG, "encoder_layers": 3}, freeze=False),
-                                   "classifier": torch.nn.Linear(32, 5)})
+    modules = torch.nn.ModuleDict(
+        {
+            "encoder": BEATs(cfg={**TINY_BEATS_CFG, "encoder_layers": 3}, freeze=False),
+            "classifier": torch.nn.Linear(32, 5),
+        }
+    )
     groups = recipe.param_groups(modules, lr_head=1e-3, lr_encoder=1e-4, layer_decay=0.5, freeze_encoder=False)
     lrs = {g["name"]: g["lr"] for g in groups}
-    assert lrs == pytest.approx({"head": 1e-3, "encoder.depth3": 1e-4, "encoder.depth2": 5e-5,
-                                 "encoder.depth1": 2.5e-5, "encoder.depth0": 1.25e-5})
+    assert lrs == pytest.approx(
+        {
+            "head": 1e-3,
+            "encoder.depth3": 1e-4,
+            "encoder.depth2": 5e-5,
+            "encoder.depth1": 2.5e-5,
+            "encoder.depth0": 1.25e-5,
+        }
+    )
     grouped = [p for g in groups for p in g["params"]]
     assert len(grouped) == len({id(p) for p in grouped}) == len(list(modules.parameters()))
     top = {id(p) for n, p in modules["encoder"].named_parameters() if n.startswith("encoder.layers.2.")}
@@ -92,8 +117,7 @@ def _load_hparams(yaml_name, overrides):
 @pytest.mark.parametrize("yaml_name", ["beats_frozen.yaml", "beats_finetune.yaml"])
 def test_microsoft_checkpoint_loads_in_frozen_and_finetune(tmp_path, yaml_name, label_dict):
     ckpt = _checkpoint(tmp_path / "beats.pt", label_dict)
-    hparams = _load_hparams(yaml_name, {"ckpt_path": str(ckpt), "emb_dim": 32,
-                                        "output_folder": str(tmp_path / "out")})
+    hparams = _load_hparams(yaml_name, {"ckpt_path": str(ckpt), "emb_dim": 32, "output_folder": str(tmp_path / "out")})
     encoder = hparams["encoder"]
     saved = torch.load(ckpt)
     own = encoder.state_dict()
@@ -105,17 +129,35 @@ def test_microsoft_checkpoint_loads_in_frozen_and_finetune(tmp_path, yaml_name, 
     classification_recipe().check_hparams(hparams)  # emb_dim matches the checkpoint
 
 
-@pytest.mark.parametrize("yaml_name,label_dict,extra", [
-    ("beats_frozen.yaml", True, ["--pooling", "!ref <mean_pooling>"]),
-    ("beats_finetune.yaml", False, []),
-], ids=["frozen-as2m-mean", "finetune-pretrained-attentive"])
+@pytest.mark.parametrize(
+    "yaml_name,label_dict,extra",
+    [
+        ("beats_frozen.yaml", True, ["--pooling", "!ref <mean_pooling>"]),
+        ("beats_finetune.yaml", False, []),
+    ],
+    ids=["frozen-as2m-mean", "finetune-pretrained-attentive"],
+)
 def test_frozen_and_finetune_debug_runs(csv_corpus, tmp_path, yaml_name, label_dict, extra):
     ckpt = _checkpoint(tmp_path / "beats.pt", label_dict)
     out = tmp_path / "run"
     before = torch.load(ckpt)["model"]
-    classification_recipe().main([str(CLASSIFICATION / "hparams" / yaml_name), "--ckpt_path", str(ckpt),
-                                  "--emb_dim", "32", *classification_csv_args(csv_corpus, out), "--debug",
-                                  "--debug_persistently", "--debug_batches", "2", "--batch_size", "4", *extra])
+    classification_recipe().main(
+        [
+            str(CLASSIFICATION / "hparams" / yaml_name),
+            "--ckpt_path",
+            str(ckpt),
+            "--emb_dim",
+            "32",
+            *classification_csv_args(csv_corpus, out),
+            "--debug",
+            "--debug_persistently",
+            "--debug_batches",
+            "2",
+            "--batch_size",
+            "4",
+            *extra,
+        ]
+    )
     assert (out / "test_results.json").exists()
     saved = list((out / "save").glob("CKPT+*/encoder.ckpt"))
     if yaml_name == "beats_frozen.yaml":
@@ -140,9 +182,12 @@ def test_bad_emb_dim_settings_and_data_fail_fast(tmp_path):
         _load_hparams("beats_frozen.yaml", {**base, "dataset": "esc50"})
     with pytest.raises(ValueError, match="'ckpt_path' is a !PLACEHOLDER"):
         _load_hparams("beats_frozen.yaml", {"emb_dim": 32, **out})
-    hparams = _load_hparams("beats_frozen.yaml", f"ckpt_path: {ckpt}\noutput_folder: {tmp_path / 'out'}\n"
-                            "prepare: !name:lobes.data.manifest.manifest_paths "
-                            f"{{train: {tmp_path / 'no.csv'}, valid: v.csv, test: t.csv}}")
+    hparams = _load_hparams(
+        "beats_frozen.yaml",
+        f"ckpt_path: {ckpt}\noutput_folder: {tmp_path / 'out'}\n"
+        "prepare: !name:lobes.data.manifest.manifest_paths "
+        f"{{train: {tmp_path / 'no.csv'}, valid: v.csv, test: t.csv}}",
+    )
     with pytest.raises(ManifestError, match="train manifest not found"):
         hparams["prepare"]()
 
@@ -167,11 +212,26 @@ def test_esc50_layout_and_fold_selection(tmp_path):
     data = tmp_path / "ESC-50-master"
     _fake_esc50(data)
     out = tmp_path / "run"
-    prepare = ("!name:lobes.data.esc50.prepare_esc50 {data_folder: !ref <data_folder>, "
-               "save_folder: !ref <save_folder>, test_fold: 2, valid_fold: null, sample_rate: !ref <sample_rate>}")
-    classification_recipe().main([str(CLASSIFICATION / "hparams" / "beats_tiny.yaml"), "--prepare", prepare,
-                                  "--data_folder", str(tmp_path), "--output_folder", str(out), *_tiny_model_args(),
-                                  "--debug", "--debug_batches", "2", "--noprogressbar"])
+    prepare = (
+        "!name:lobes.data.esc50.prepare_esc50 {data_folder: !ref <data_folder>, "
+        "save_folder: !ref <save_folder>, test_fold: 2, valid_fold: null, sample_rate: !ref <sample_rate>}"
+    )
+    classification_recipe().main(
+        [
+            str(CLASSIFICATION / "hparams" / "beats_tiny.yaml"),
+            "--prepare",
+            prepare,
+            "--data_folder",
+            str(tmp_path),
+            "--output_folder",
+            str(out),
+            *_tiny_model_args(),
+            "--debug",
+            "--debug_batches",
+            "2",
+            "--noprogressbar",
+        ]
+    )
     results = json.loads((out / "test_results.json").read_text())
     assert results["num_test"] == 3 * 2  # fold 2 only
     assert sorted(results["classes"]) == ["dog", "rain", "siren"]
@@ -186,8 +246,16 @@ def test_default_debug_run_from_inside_the_recipe_folder(tmp_path):
 
     before = sorted(os.listdir(CLASSIFICATION))
     env = recipe_env()
-    cmd = [sys.executable, "train.py", "hparams/beats_tiny.yaml", "--debug", "--root", str(tmp_path),
-           *_tiny_model_args(), "--noprogressbar"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "hparams/beats_tiny.yaml",
+        "--debug",
+        "--root",
+        str(tmp_path),
+        *_tiny_model_args(),
+        "--noprogressbar",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=CLASSIFICATION, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(os.listdir(CLASSIFICATION)) == before  # nothing written beside the recipe
@@ -207,10 +275,23 @@ def test_torchrun_two_processes_debug(csv_corpus, tmp_path):
     out = tmp_path / "ddp"
     env = recipe_env()
     # --debug alone gives each process its own temporary checkpoint folder: --debug_persistently
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           str(CLASSIFICATION / "train.py"), str(CLASSIFICATION / "hparams" / "beats_tiny.yaml"),
-           *classification_csv_args(csv_corpus, out), *_tiny_model_args(), "--distributed_backend", "gloo", "--debug",
-           "--debug_batches", "2", "--debug_persistently"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29517",
+        str(CLASSIFICATION / "train.py"),
+        str(CLASSIFICATION / "hparams" / "beats_tiny.yaml"),
+        *classification_csv_args(csv_corpus, out),
+        *_tiny_model_args(),
+        "--distributed_backend",
+        "gloo",
+        "--debug",
+        "--debug_batches",
+        "2",
+        "--debug_persistently",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "test_results.json").exists()
@@ -221,9 +302,17 @@ def test_resume_after_kill(csv_corpus, tmp_path):
     """kill -9 after the first epoch's checkpoint; the rerun continues from it and finishes."""
     out = tmp_path / "resume"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(CLASSIFICATION / "train.py"), str(CLASSIFICATION / "hparams" / "beats_tiny.yaml"),
-           *classification_csv_args(csv_corpus, out), *_tiny_model_args(), "--number_of_epochs", "4",
-           "--batch_size", "6"]
+    cmd = [
+        sys.executable,
+        str(CLASSIFICATION / "train.py"),
+        str(CLASSIFICATION / "hparams" / "beats_tiny.yaml"),
+        *classification_csv_args(csv_corpus, out),
+        *_tiny_model_args(),
+        "--number_of_epochs",
+        "4",
+        "--batch_size",
+        "6",
+    ]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         import time
@@ -250,12 +339,19 @@ def test_default_beats_tiny_run_on_unseen_voices(tmp_path):
 
     out = tmp_path / "default"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(CLASSIFICATION / "train.py"), str(CLASSIFICATION / "hparams" / "beats_tiny.yaml"),
-           f"--output_folder={out}", f"--data_folder={tmp_path / 'events'}"]
+    cmd = [
+        sys.executable,
+        str(CLASSIFICATION / "train.py"),
+        str(CLASSIFICATION / "hparams" / "beats_tiny.yaml"),
+        f"--output_folder={out}",
+        f"--data_folder={tmp_path / 'events'}",
+    ]
     start = time.time()
     subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, timeout=3600)
     results = json.loads((out / "test_results.json").read_text())
-    print(f"test accuracy {results['accuracy']:.4f} on {results['num_test']} clips in "
-          f"{(time.time() - start) / 60:.1f} min")
+    print(
+        f"test accuracy {results['accuracy']:.4f} on {results['num_test']} clips in "
+        f"{(time.time() - start) / 60:.1f} min"
+    )
     assert results["num_test"] == 1200
     assert results["accuracy"] >= 0.90

@@ -35,7 +35,7 @@ def test_conformer_encoder_state_dict():
     for i, layer in enumerate(enc.layers):
         prefix = f"layers.{i}.mha_layer."
         ours = HyperMixing(32, 64, num_heads=4)
-        ours.load_state_dict({k[len(prefix):]: v for k, v in converted.items() if k.startswith(prefix)})
+        ours.load_state_dict({k[len(prefix) :]: v for k, v in converted.items() if k.startswith(prefix)})
         x = torch.randn(2, 12, 32)
         assert (ours(x, x, x)[0] - layer.mha_layer(x, x, x)[0]).abs().max().item() <= 1e-5
 
@@ -43,8 +43,12 @@ def test_conformer_encoder_state_dict():
 def test_only_hypermixing_positional_tables_are_dropped():
     """Keys outside HyperMixing modules pass through unchanged, a look-alike table included."""
     pe = SBHyperMixing(32, 64, num_heads=4).state_dict()["positional_encoding.pe"]
-    state = {**{f"enc.{k}": v for k, v in _sb_state().items()}, "norm.norm.weight": torch.ones(3),
-             "other.positional_encoding.pe": pe, "other.weight": torch.zeros(2)}
+    state = {
+        **{f"enc.{k}": v for k, v in _sb_state().items()},
+        "norm.norm.weight": torch.ones(3),
+        "other.positional_encoding.pe": pe,
+        "other.weight": torch.zeros(2),
+    }
     converted = convert_speechbrain_state_dict(state)
     assert list(converted) == [k for k in state if k != "enc.positional_encoding.pe"]
     assert all(converted[k] is state[k] for k in converted)  # not copied

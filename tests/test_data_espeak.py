@@ -152,7 +152,8 @@ def test_noisy_variants_are_deterministic():
 
     folder = os.path.join(espeak._data_path(), "voices", "!v")
     noisy = [
-        v for v in espeak.list_voice_variants()
+        v
+        for v in espeak.list_voice_variants()
         if any(line.split()[:1] in (["klatt"], ["breath"]) for line in open(os.path.join(folder, v), errors="replace"))
     ]
     assert {"Reed", "caleb", "whisper", "klatt"} <= set(noisy)

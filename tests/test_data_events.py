@@ -61,8 +61,15 @@ def test_sound_events_have_their_signature():
     """Without background noise, each synthetic event shows the property that defines it."""
 
     def clip(label, seed=0):
-        item = {"label": label, "clip_seconds": 1.0, "offset": 0.5, "noise": None, "snr": 0.0,
-                "peak_dbfs": -3.0, "seed": seed}
+        item = {
+            "label": label,
+            "clip_seconds": 1.0,
+            "offset": 0.5,
+            "noise": None,
+            "snr": 0.0,
+            "peak_dbfs": -3.0,
+            "seed": seed,
+        }
         return events.render_event(item)
 
     tone = clip("tone")

@@ -47,12 +47,18 @@ def test_manifests_match_the_tree(tree):
     save = parent / "csv"
     # the parent of LibriSpeech/ is accepted as well as LibriSpeech/ itself
     paths = prepare_librispeech(
-        str(parent), str(save), tr_splits=("train-clean-100", "train-clean-360"), dev_splits=("dev-clean",),
+        str(parent),
+        str(save),
+        tr_splits=("train-clean-100", "train-clean-360"),
+        dev_splits=("dev-clean",),
         te_splits=("test-clean",),
     )
     assert paths == {role: str(save / f"{role}.csv") for role in ("train", "valid", "test")}
-    for role, splits in (("train", ("train-clean-100", "train-clean-360")), ("valid", ("dev-clean",)),
-                         ("test", ("test-clean",))):
+    for role, splits in (
+        ("train", ("train-clean-100", "train-clean-360")),
+        ("valid", ("dev-clean",)),
+        ("test", ("test-clean",)),
+    ):
         with open(paths[role]) as handle:
             assert handle.readline().strip() == ",".join(LIBRISPEECH_COLUMNS)
         rows = load_manifest(paths[role], required=LIBRISPEECH_COLUMNS)

@@ -24,8 +24,9 @@ def test_speechbrain_reads_what_we_write(tmp_path):
     from speechbrain.dataio.dataset import DynamicItemDataset
 
     path = str(tmp_path / "m.csv")
-    write_manifest(path, [{"ID": "x1", "duration": 0.5, "wav": "/w.wav", "label": "dog"}],
-                   ["ID", "duration", "wav", "label"])
+    write_manifest(
+        path, [{"ID": "x1", "duration": 0.5, "wav": "/w.wav", "label": "dog"}], ["ID", "duration", "wav", "label"]
+    )
     data = DynamicItemDataset.from_csv(path)
     data.set_output_keys(["id", "duration", "label"])
     assert data[0] == {"id": "x1", "duration": 0.5, "label": "dog"}

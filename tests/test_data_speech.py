@@ -242,9 +242,7 @@ def test_noise_corpus_works_with_speechbrain_addnoise(tmp_path):
         info = sf.info(row["wav"])
         assert info.samplerate == 16000 and info.frames == 16000 and float(row["duration"]) == 1.0
     again = speech.prepare_noise_corpus(str(tmp_path / "again"), num=7, duration=1.0, seed=5, num_workers=0)
-    assert [open(r["wav"], "rb").read() for r in load_manifest(again)] == [
-        open(r["wav"], "rb").read() for r in rows
-    ]
+    assert [open(r["wav"], "rb").read() for r in load_manifest(again)] == [open(r["wav"], "rb").read() for r in rows]
 
     clean = torch.zeros(2, 12000)
     noisy = AddNoise(csv_file=path, snr_low=0, snr_high=0, pad_noise=True)(clean + 0.1, torch.ones(2))

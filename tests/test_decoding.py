@@ -58,8 +58,15 @@ def _ctc_log_likelihood(log_probs, tokens):
     """log p(tokens | log_probs) by torch's CTC loss (the independent reference)."""
     lp = torch.from_numpy(log_probs).unsqueeze(1)  # (T, 1, V)
     target = torch.tensor([tokens])
-    loss = torch.nn.functional.ctc_loss(lp, target, torch.tensor([lp.shape[0]]), torch.tensor([len(tokens)]),
-                                        blank=0, reduction="sum", zero_infinity=False)
+    loss = torch.nn.functional.ctc_loss(
+        lp,
+        target,
+        torch.tensor([lp.shape[0]]),
+        torch.tensor([len(tokens)]),
+        blank=0,
+        reduction="sum",
+        zero_infinity=False,
+    )
     return -float(loss)
 
 
@@ -87,8 +94,15 @@ def test_unpruned_search_equals_exhaustive_search(seed, with_lm):
     log_probs = (logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)).astype(np.float64)
     lm = WordNgramLM(["AB C", "BA DD AB", "C C", "ABC BA"], order=2) if with_lm else None
     lm_weight, word_bonus = (0.8, 1.5) if with_lm else (0.0, 0.7)
-    dec = CTCLexiconDecoder({w: _spell(w) for w in LEXICON}, [1], lm=lm, beam_size=10_000, lm_weight=lm_weight,
-                            word_bonus=word_bonus, token_prune=math.inf)
+    dec = CTCLexiconDecoder(
+        {w: _spell(w) for w in LEXICON},
+        [1],
+        lm=lm,
+        beam_size=10_000,
+        lm_weight=lm_weight,
+        word_bonus=word_bonus,
+        token_prune=math.inf,
+    )
     expected = _exhaustive(log_probs, lm, lm_weight, word_bonus)
     assert dec.decode_one(log_probs) == expected
 
@@ -130,8 +144,17 @@ def test_from_sentencepiece(tmp_path):
 
     text = tmp_path / "text.txt"
     text.write_text("\n".join(SENTENCES * 4))
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "m"), vocab_size=16,
-                                   hard_vocab_limit=False, model_type="char", character_coverage=1.0, bos_id=-1, eos_id=-1, unk_id=0)
+    spm.SentencePieceTrainer.train(
+        input=str(text),
+        model_prefix=str(tmp_path / "m"),
+        vocab_size=16,
+        hard_vocab_limit=False,
+        model_type="char",
+        character_coverage=1.0,
+        bos_id=-1,
+        eos_id=-1,
+        unk_id=0,
+    )
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "m.model"))
     dec = CTCLexiconDecoder.from_sentencepiece(sp, SENTENCES, lm_order=2, beam_size=8)
     assert sorted(dec.trie.words) == sorted({w for s in SENTENCES for w in s.split()})

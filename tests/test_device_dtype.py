@@ -36,8 +36,12 @@ BF16_MIN_COSINE = 0.995
 
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="no CUDA device: torch.cuda.is_available() is False")),
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="no CUDA device: torch.cuda.is_available() is False"
+        ),
+    ),
 ]
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -79,8 +83,9 @@ def _waveforms():
 
 def _asr_model():
     encoder = hyperconformer_encoder(2, D, FFN, H, kernel_size=5)
-    return ASRModel(encoder, vocab_size=12, d_model=D, n_mels=40, frontend_channels=(8, 8),
-                    pos_encoding=PositionalEncoding(D))
+    return ASRModel(
+        encoder, vocab_size=12, d_model=D, n_mels=40, frontend_channels=(8, 8), pos_encoding=PositionalEncoding(D)
+    )
 
 
 def _run_asr(module, inputs, device, dtype):
@@ -93,8 +98,15 @@ def _run_asr(module, inputs, device, dtype):
 
 
 def _beats():
-    cfg = BEATsConfig.released(encoder_layers=2, encoder_embed_dim=64, encoder_ffn_embed_dim=128,
-                               encoder_attention_heads=4, embed_dim=32, conv_pos=16, conv_pos_groups=4)
+    cfg = BEATsConfig.released(
+        encoder_layers=2,
+        encoder_embed_dim=64,
+        encoder_ffn_embed_dim=128,
+        encoder_attention_heads=4,
+        embed_dim=32,
+        conv_pos=16,
+        conv_pos_groups=4,
+    )
     return BEATs(cfg=cfg)
 
 
@@ -117,7 +129,8 @@ CASES = {
     "MultiDConvHeadAttention": _mixer_case(lambda: MultiDConvHeadAttention(H, D)),
     "ConformerEncoder": _encoder_case(lambda: hyperconformer_encoder(2, D, FFN, H, kernel_size=5)),
     "TransformerEncoder": _encoder_case(
-        lambda: TransformerEncoder(2, D, FFN, functools.partial(MultiHeadAttention, H, D))),
+        lambda: TransformerEncoder(2, D, FFN, functools.partial(MultiHeadAttention, H, D))
+    ),
     "ASRModel": (_asr_model, _waveforms, _run_asr),
     "BEATs": (_beats, lambda: (torch.randn(2, 16000) * 0.1, torch.tensor([1.0, 0.6])), _run_beats),
     "kaldi_fbank": (lambda: None, _waveforms, _run_fbank),

@@ -23,9 +23,18 @@ from lobes.inputs import EXIT_FAILED_FILES, EXIT_OK, EXIT_USAGE, fingerprint, le
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CFG = {
-    "embed_dim": 32, "encoder_layers": 2, "encoder_embed_dim": 32, "encoder_ffn_embed_dim": 64,
-    "encoder_attention_heads": 4, "conv_pos": 16, "conv_pos_groups": 2, "deep_norm": True,
-    "relative_position_embedding": True, "gru_rel_pos": True, "num_buckets": 32, "max_distance": 800,
+    "embed_dim": 32,
+    "encoder_layers": 2,
+    "encoder_embed_dim": 32,
+    "encoder_ffn_embed_dim": 64,
+    "encoder_attention_heads": 4,
+    "conv_pos": 16,
+    "conv_pos_groups": 2,
+    "deep_norm": True,
+    "relative_position_embedding": True,
+    "gru_rel_pos": True,
+    "num_buckets": 32,
+    "max_distance": 800,
 }
 ATOL = 2e-4  # fp32, batched-and-padded vs. alone
 # conv_pos_groups = 2 (16 channels per group): with 8 channels per group, torch 2.11's CPU bf16 grouped
@@ -102,8 +111,17 @@ def _read_csv(path):
 
 def test_outputs_match_direct_model_call_errors_listed_and_rerun_skips(audio_tree, tiny_ckpt, tmp_path):
     out = tmp_path / "out"
-    argv = ["--input", str(audio_tree), "--output", str(out), "--checkpoint", str(tiny_ckpt),
-            "--batch-seconds", "4", "--quiet"]
+    argv = [
+        "--input",
+        str(audio_tree),
+        "--output",
+        str(out),
+        "--checkpoint",
+        str(tiny_ckpt),
+        "--batch-seconds",
+        "4",
+        "--quiet",
+    ]
     assert main(argv) == EXIT_FAILED_FILES
 
     model = _load(tiny_ckpt)
@@ -136,8 +154,21 @@ def test_outputs_match_direct_model_call_errors_listed_and_rerun_skips(audio_tre
 
 def test_mean_pooling_all_layers_and_bf16(audio_tree, tiny_ckpt, tmp_path):
     out = tmp_path / "out"
-    rc = main(["--input", str(audio_tree), "--output", str(out), "--checkpoint", str(tiny_ckpt),
-               "--pooling", "mean", "--layer", "all", "--quiet"])
+    rc = main(
+        [
+            "--input",
+            str(audio_tree),
+            "--output",
+            str(out),
+            "--checkpoint",
+            str(tiny_ckpt),
+            "--pooling",
+            "mean",
+            "--layer",
+            "all",
+            "--quiet",
+        ]
+    )
     assert rc == EXIT_FAILED_FILES
     model = _load(tiny_ckpt, output_all_hiddens=True)
     wav = _reference_input(audio_tree / "sub/deeper/d.wav")
@@ -148,8 +179,26 @@ def test_mean_pooling_all_layers_and_bf16(audio_tree, tiny_ckpt, tmp_path):
     np.testing.assert_allclose(feats, ref.numpy(), atol=ATOL, rtol=0)
 
     out16 = tmp_path / "bf16"
-    assert main(["--input", str(audio_tree), "--output", str(out16), "--checkpoint", str(tiny_ckpt),
-                 "--pooling", "mean", "--layer", "1", "--precision", "bf16", "--quiet"]) == EXIT_FAILED_FILES
+    assert (
+        main(
+            [
+                "--input",
+                str(audio_tree),
+                "--output",
+                str(out16),
+                "--checkpoint",
+                str(tiny_ckpt),
+                "--pooling",
+                "mean",
+                "--layer",
+                "1",
+                "--precision",
+                "bf16",
+                "--quiet",
+            ]
+        )
+        == EXIT_FAILED_FILES
+    )
     got = np.load(out16 / "sub/deeper/d.wav.npy")
     assert got.dtype == np.float32 and got.shape == (TINY_CFG["encoder_embed_dim"],)
     cosine = float(np.dot(got, ref[1]) / np.linalg.norm(got) / np.linalg.norm(ref[1]))
@@ -158,8 +207,24 @@ def test_mean_pooling_all_layers_and_bf16(audio_tree, tiny_ckpt, tmp_path):
 
 def test_shards_cover_every_file_exactly_once(audio_tree, tiny_ckpt, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    codes = [main(["--input", str(audio_tree), "--output", str(out), "--checkpoint", str(tiny_ckpt),
-                   "--shard", f"{i}/3", "--quiet", "--pooling", "mean"]) for i in range(3)]
+    codes = [
+        main(
+            [
+                "--input",
+                str(audio_tree),
+                "--output",
+                str(out),
+                "--checkpoint",
+                str(tiny_ckpt),
+                "--shard",
+                f"{i}/3",
+                "--quiet",
+                "--pooling",
+                "mean",
+            ]
+        )
+        for i in range(3)
+    ]
     assert set(codes) <= {EXIT_OK, EXIT_FAILED_FILES} and EXIT_FAILED_FILES in codes
     seen = []
     for i in range(3):
@@ -174,16 +239,40 @@ def test_shards_cover_every_file_exactly_once(audio_tree, tiny_ckpt, tmp_path, m
     env_out = tmp_path / "env"
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    main(["--input", str(audio_tree), "--output", str(env_out), "--checkpoint", str(tiny_ckpt),
-          "--quiet", "--pooling", "mean"])
+    main(
+        [
+            "--input",
+            str(audio_tree),
+            "--output",
+            str(env_out),
+            "--checkpoint",
+            str(tiny_ckpt),
+            "--quiet",
+            "--pooling",
+            "mean",
+        ]
+    )
     rows = _read_csv(env_out / "manifest.shard-1-of-2.csv") + _read_csv(env_out / "errors.shard-1-of-2.csv")
     assert len(rows) == len(GOOD + BAD) // 2  # sorted inputs 1, 3, 5
 
 
 def test_tags_with_as2m_style_checkpoint(audio_tree, tagger_ckpt, tmp_path):
     out = tmp_path / "out"
-    rc = main(["--input", str(audio_tree), "--output", str(out), "--checkpoint", str(tagger_ckpt),
-               "--tags", "3", "--pooling", "mean", "--quiet"])
+    rc = main(
+        [
+            "--input",
+            str(audio_tree),
+            "--output",
+            str(out),
+            "--checkpoint",
+            str(tagger_ckpt),
+            "--tags",
+            "3",
+            "--pooling",
+            "mean",
+            "--quiet",
+        ]
+    )
     assert rc == EXIT_FAILED_FILES
     rows = _read_csv(out / "tags.csv")
     assert len(rows) == 3 * len(GOOD)
@@ -203,8 +292,26 @@ def test_tags_with_as2m_style_checkpoint(audio_tree, tagger_ckpt, tmp_path):
     names = tmp_path / "class_labels_indices.csv"
     names.write_text("index,mid,display_name\n" + "".join(f'{i},/m/class{i},"Sound {i}"\n' for i in range(6)))
     named = tmp_path / "named"
-    assert main(["--input", str(audio_tree / "a.wav"), "--output", str(named), "--checkpoint", str(tagger_ckpt),
-                 "--tags", "3", "--pooling", "mean", "--label-names", str(names), "--quiet"]) == EXIT_OK
+    assert (
+        main(
+            [
+                "--input",
+                str(audio_tree / "a.wav"),
+                "--output",
+                str(named),
+                "--checkpoint",
+                str(tagger_ckpt),
+                "--tags",
+                "3",
+                "--pooling",
+                "mean",
+                "--label-names",
+                str(names),
+                "--quiet",
+            ]
+        )
+        == EXIT_OK
+    )
     first = json.loads((out / "a.wav.tags.json").read_text())
     renamed = json.loads((named / "a.wav.tags.json").read_text())
     assert [t["label"] for t in renamed] == [t["label"].replace("/m/class", "Sound ") for t in first]
@@ -244,8 +351,7 @@ def test_output_that_is_a_file_exits_2_before_the_model_loads(audio_tree, tiny_c
     assert target.read_bytes() == b"keep me"
 
 
-def test_missing_gpu_or_bad_device_exits_2_before_the_model_loads(audio_tree, tiny_ckpt, tmp_path, monkeypatch,
-                                                                   caplog):
+def test_missing_gpu_or_bad_device_exits_2_before_the_model_loads(audio_tree, tiny_ckpt, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(extract, "load_beats", _must_not_load)
     base = ["--input", str(audio_tree), "--output", str(tmp_path / "o"), "--checkpoint", str(tiny_ckpt), "--quiet"]
@@ -268,12 +374,28 @@ def test_no_audio_inputs_exit_2_but_an_empty_shard_is_fine(audio_tree, tiny_ckpt
         rc = main(["--input", str(source), "--output", str(tmp_path / "o"), "--checkpoint", str(tiny_ckpt)])
         assert rc == EXIT_USAGE
         assert "no audio inputs found" in caplog.text
-    assert main(["--input", str(empty), "--output", str(tmp_path / "o"), "--checkpoint", str(tiny_ckpt),
-                 "--shard", "1/2"]) == EXIT_USAGE
+    assert (
+        main(["--input", str(empty), "--output", str(tmp_path / "o"), "--checkpoint", str(tiny_ckpt), "--shard", "1/2"])
+        == EXIT_USAGE
+    )
     # 7 inputs, 8 shards: the last shard is empty, which is not an error.
     out = tmp_path / "shards"
-    assert main(["--input", str(audio_tree), "--output", str(out), "--checkpoint", str(tiny_ckpt),
-                 "--shard", "7/8", "--quiet"]) == EXIT_OK
+    assert (
+        main(
+            [
+                "--input",
+                str(audio_tree),
+                "--output",
+                str(out),
+                "--checkpoint",
+                str(tiny_ckpt),
+                "--shard",
+                "7/8",
+                "--quiet",
+            ]
+        )
+        == EXIT_OK
+    )
     assert _read_csv(out / "manifest.shard-7-of-8.csv") == []
 
 
@@ -283,8 +405,17 @@ def _mtimes(folder):
 
 def test_other_settings_are_refused_unless_overwrite(audio_tree, tiny_ckpt, tmp_path, caplog):
     out = tmp_path / "out"
-    base = ["--input", str(audio_tree / "sub"), "--output", str(out), "--checkpoint", str(tiny_ckpt),
-            "--pooling", "mean", "--quiet"]
+    base = [
+        "--input",
+        str(audio_tree / "sub"),
+        "--output",
+        str(out),
+        "--checkpoint",
+        str(tiny_ckpt),
+        "--pooling",
+        "mean",
+        "--quiet",
+    ]
     assert main(base) == EXIT_OK
     record = json.loads((out / SETTINGS_FILE).read_text())
     assert record["checkpoint_sha256"] == fingerprint(tiny_ckpt)
@@ -336,8 +467,21 @@ def test_outputs_follow_the_umask(audio_tree, tagger_ckpt, tmp_path, umask, mode
     out = tmp_path / "out"
     old = os.umask(umask)
     try:
-        rc = main(["--input", str(audio_tree / "sub"), "--output", str(out), "--checkpoint", str(tagger_ckpt),
-                   "--pooling", "mean", "--tags", "2", "--quiet"])
+        rc = main(
+            [
+                "--input",
+                str(audio_tree / "sub"),
+                "--output",
+                str(out),
+                "--checkpoint",
+                str(tagger_ckpt),
+                "--pooling",
+                "mean",
+                "--tags",
+                "2",
+                "--quiet",
+            ]
+        )
     finally:
         os.umask(old)
     assert rc == EXIT_OK
@@ -350,8 +494,7 @@ def test_csv_input_uses_ids(audio_tree, tiny_ckpt, tmp_path):
     manifest = tmp_path / "list.csv"
     manifest.write_text("ID,wav\nutt1,{}\nutt2,{}\n".format(audio_tree / "a.wav", audio_tree / "sub/c.ogg"))
     out = tmp_path / "out"
-    assert main(["--input", str(manifest), "--output", str(out), "--checkpoint", str(tiny_ckpt),
-                 "--quiet"]) == EXIT_OK
+    assert main(["--input", str(manifest), "--output", str(out), "--checkpoint", str(tiny_ckpt), "--quiet"]) == EXIT_OK
     assert sorted(p.name for p in out.glob("*.npy")) == ["utt1.npy", "utt2.npy"]
     with torch.no_grad():
         ref = _load(tiny_ckpt).extract_features(_reference_input(audio_tree / "a.wav")[None])[0][0]
@@ -396,9 +539,26 @@ def test_help_and_random_model_warning(audio_tree, tmp_path, caplog):
 @pytest.mark.slow
 def test_module_entry_point(audio_tree, tiny_ckpt, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "lobes.extract", "--input", str(audio_tree), "--output",
-                           str(tmp_path / "o"), "--checkpoint", str(tiny_ckpt), "--num-workers", "2"],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lobes.extract",
+            "--input",
+            str(audio_tree),
+            "--output",
+            str(tmp_path / "o"),
+            "--checkpoint",
+            str(tiny_ckpt),
+            "--num-workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert proc.returncode == EXIT_FAILED_FILES, proc.stderr[-2000:]
     assert "audio-s/s" in proc.stderr  # progress bar unit
     assert len(list((tmp_path / "o").rglob("*.npy"))) == len(GOOD)

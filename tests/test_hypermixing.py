@@ -6,12 +6,12 @@ import itertools
 
 import pytest
 import torch
+from memory_probe import largest_storage
 from speechbrain.nnet import hypermixing as sb_hm
 
 from lobes.attention import sinusoidal_table
 from lobes.compat import convert_speechbrain_state_dict
 from lobes.hypermixing import HyperMixing, HyperNetwork, ParallelMLPs
-from memory_probe import largest_storage
 
 D, HYPER = 64, 128
 CONFIGS = list(itertools.product([1, 4, 8], [False, True], [False, True]))  # heads, tied, fix_tm_hidden_size
@@ -109,7 +109,7 @@ def test_padding_invariance(heads, tied):
     x_padded = x.masked_fill(mask.unsqueeze(-1), 123.0)  # garbage in the padding must not matter
     batched, _ = net(x_padded, x_padded, x_padded, key_padding_mask=mask)
     for i, n in enumerate(lengths):
-        alone, _ = net(x[i:i + 1, :n], None, None)
+        alone, _ = net(x[i : i + 1, :n], None, None)
         assert (batched[i, :n] - alone[0]).abs().max().item() <= 1e-5
         # padded frames give the layer norm's bias, like speechbrain
         if n < 30:

@@ -24,12 +24,14 @@ def test_should_spawn(monkeypatch):
 
 def test_workers_get_a_ddp_environment(tmp_path):
     script = tmp_path / "worker.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import os, sys
         keys = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS"]
         with open(os.path.join(sys.argv[1], "rank" + os.environ["RANK"]), "w") as f:
             f.write(" ".join([os.environ[k] for k in keys] + sys.argv[2:]))
-    """))
+    """)
+    )
     assert spawn_cpu_workers(str(script), [str(tmp_path), "x.yaml"], 2, threads_per_process=1) == 0
     fields = [(tmp_path / f"rank{r}").read_text().split() for r in range(2)]
     assert [f[:3] for f in fields] == [["0", "0", "2"], ["1", "1", "2"]]

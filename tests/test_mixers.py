@@ -74,20 +74,38 @@ def test_mixer_obeys_the_padding_convention(name):
     mixer = factory().eval()
     x, garbage, mask = _padded_batch(LENGTHS)
     pos_embs = None if pos is None else pos(garbage)
-    batched = mixer(garbage, garbage, garbage, attn_mask=None, key_padding_mask=mask, return_attn_weights=False,
-                    pos_embs=pos_embs)
+    batched = mixer(
+        garbage, garbage, garbage, attn_mask=None, key_padding_mask=mask, return_attn_weights=False, pos_embs=pos_embs
+    )
     batched = batched[0] if isinstance(batched, tuple) else batched
     for i, n in enumerate(LENGTHS):
         alone_x = x[i : i + 1, :n]
-        alone = mixer(alone_x, alone_x, alone_x, attn_mask=None, key_padding_mask=None, return_attn_weights=False,
-                      pos_embs=None if pos is None else pos(alone_x))
+        alone = mixer(
+            alone_x,
+            alone_x,
+            alone_x,
+            attn_mask=None,
+            key_padding_mask=None,
+            return_attn_weights=False,
+            pos_embs=None if pos is None else pos(alone_x),
+        )
         alone = alone[0] if isinstance(alone, tuple) else alone
         assert (batched[i, :n] - alone[0]).abs().max().item() <= TOL, f"{name}: row {i} depends on padding"
 
 
 class _NeedsExtra(nn.Module):
-    def forward(self, query, key, value, attn_mask=None, key_padding_mask=None, return_attn_weights=True,
-                pos_embs=None, *, scale):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attn_mask=None,
+        key_padding_mask=None,
+        return_attn_weights=True,
+        pos_embs=None,
+        *,
+        scale,
+    ):
         return query * scale, None
 
 
@@ -109,10 +127,13 @@ def test_signature_check_names_what_is_missing():
         check_token_mixer(lambda q, k, v: q)
 
 
-@pytest.mark.parametrize("build", [
-    lambda: ConformerEncoder(2, D, FFN, nn.Linear(D, D), kernel_size=3),
-    lambda: TransformerEncoder(2, D, FFN, functools.partial(nn.Linear, D, D)),
-])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: ConformerEncoder(2, D, FFN, nn.Linear(D, D), kernel_size=3),
+        lambda: TransformerEncoder(2, D, FFN, functools.partial(nn.Linear, D, D)),
+    ],
+)
 def test_encoders_refuse_a_module_that_is_not_a_mixer(build):
     with pytest.raises(TypeError, match="Linear is not a token mixer"):
         build()
@@ -135,15 +156,19 @@ def test_make_mixers_copies_or_calls():
 # --------------------------------------------------------------------------------------------- encoders
 ENCODERS = {  # name -> builder; every kind of encoder the project assembles, small
     "hyperconformer": lambda: hyperconformer_encoder(2, D, FFN, H, kernel_size=3),
-    "conformer_relpos": lambda: ConformerEncoder(2, D, FFN, functools.partial(RelPosMHAXL, D, H), kernel_size=3,
-                                                 pos_encoding=RelPosEncXL(D)),
+    "conformer_relpos": lambda: ConformerEncoder(
+        2, D, FFN, functools.partial(RelPosMHAXL, D, H), kernel_size=3, pos_encoding=RelPosEncXL(D)
+    ),
     "transformer_mha": lambda: TransformerEncoder(2, D, FFN, functools.partial(MultiHeadAttention, H, D)),
-    "transformer_primer": lambda: TransformerEncoder(2, D, FFN, functools.partial(MultiDConvHeadAttention, H, D),
-                                                     activation=SquaredReLU),
-    "transformer_hypermixing": lambda: TransformerEncoder(2, D, FFN,
-                                                          functools.partial(HyperMixing, D, FFN, num_heads=H)),
-    "transformer_relpos": lambda: TransformerEncoder(2, D, FFN, functools.partial(RelPosMHAXL, D, H),
-                                                     pos_encoding=RelPosEncXL(D)),
+    "transformer_primer": lambda: TransformerEncoder(
+        2, D, FFN, functools.partial(MultiDConvHeadAttention, H, D), activation=SquaredReLU
+    ),
+    "transformer_hypermixing": lambda: TransformerEncoder(
+        2, D, FFN, functools.partial(HyperMixing, D, FFN, num_heads=H)
+    ),
+    "transformer_relpos": lambda: TransformerEncoder(
+        2, D, FFN, functools.partial(RelPosMHAXL, D, H), pos_encoding=RelPosEncXL(D)
+    ),
 }
 
 
@@ -193,5 +218,11 @@ def test_transformer_encoder_checks_its_input():
 def test_transformer_encoder_state_dict_layout():
     """The names trained checkpoints hold (kept when the class moved to lobes.transformer)."""
     keys = set(TransformerEncoder(1, D, FFN, functools.partial(MultiHeadAttention, H, D)).state_dict())
-    assert {"layers.0.norm1.weight", "layers.0.mixer.in_proj_weight", "layers.0.ffn.0.weight",
-            "layers.0.ffn.1.ffn.0.weight", "layers.0.ffn.1.ffn.3.weight", "norm.weight"} <= keys
+    assert {
+        "layers.0.norm1.weight",
+        "layers.0.mixer.in_proj_weight",
+        "layers.0.ffn.0.weight",
+        "layers.0.ffn.1.ffn.0.weight",
+        "layers.0.ffn.1.ffn.3.weight",
+        "norm.weight",
+    } <= keys

@@ -70,7 +70,8 @@ def _warn_loud_input(peak: float) -> None:
     logger.warning(
         "BEATs input peaks at |x| = %.4g, far outside [-1, 1]: this looks like int16 PCM values stored as floats "
         "without dividing by 32768, and the features will be wrong. Scale with wav / 32768 (or read files with "
-        "lobes.io.load_audio). This warning is shown once per process.", peak,
+        "lobes.io.load_audio). This warning is shown once per process.",
+        peak,
     )
 
 
@@ -134,9 +135,14 @@ class _GradScale(torch.autograd.Function):
 
 
 def _activation(name: str):
-    acts = {"gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh, "linear": lambda x: x,
-            "gelu_accurate": lambda x: F.gelu(x, approximate="tanh"),
-            "gelu_fast": lambda x: F.gelu(x, approximate="tanh")}
+    acts = {
+        "gelu": F.gelu,
+        "relu": F.relu,
+        "tanh": torch.tanh,
+        "linear": lambda x: x,
+        "gelu_accurate": lambda x: F.gelu(x, approximate="tanh"),
+        "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    }
     if name not in acts:
         raise ValueError(f"unsupported activation_fn {name!r}; expected one of {sorted(acts)}")
     return acts[name]
@@ -180,16 +186,19 @@ class _WeightNormConv1d(nn.Module):
         """``(B, C, T)`` -> ``(B, C, T + 1)`` (even kernel; the caller drops the last step)."""
         if self._reduced_precision_is_wrong(x):
             with torch.autocast("cpu", enabled=False):
-                out = F.conv1d(x.float(), self.weight().float(), self.bias.float(), padding=self.padding,
-                               groups=self.groups)
+                out = F.conv1d(
+                    x.float(), self.weight().float(), self.bias.float(), padding=self.padding, groups=self.groups
+                )
             return out.to(x.dtype)
         w = self.weight().to(x.dtype)
         return F.conv1d(x, w, self.bias.to(x.dtype), padding=self.padding, groups=self.groups)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # torch.nn.utils.parametrizations.weight_norm names (SpeechBrain) -> weight_g / weight_v (Microsoft)
-        for new, old in (("weight_g", "parametrizations.weight.original0"),
-                         ("weight_v", "parametrizations.weight.original1")):
+        for new, old in (
+            ("weight_g", "parametrizations.weight.original0"),
+            ("weight_v", "parametrizations.weight.original1"),
+        ):
             if prefix + old in state_dict and prefix + new not in state_dict:
                 state_dict[prefix + new] = state_dict.pop(prefix + old)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -240,7 +249,7 @@ class _SelfAttention(nn.Module):
             else:
                 mask = pos_bias.unsqueeze(0) if mask is None else mask + pos_bias
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, scale=self.head_dim ** -0.5
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, scale=self.head_dim**-0.5
         )  # (B, H, T, hs)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
@@ -270,8 +279,9 @@ class _EncoderLayer(nn.Module):
     def forward(self, x: Tensor, pos_bias: Tensor | None, key_mask: Tensor | None) -> Tensor:
         """``(B, T, C)`` -> ``(B, T, C)``."""
         if self.pre_norm:
-            x = x + F.dropout(self.self_attn(self.self_attn_layer_norm(x), pos_bias, key_mask), self.dropout,
-                              self.training)
+            x = x + F.dropout(
+                self.self_attn(self.self_attn_layer_norm(x), pos_bias, key_mask), self.dropout, self.training
+            )
             return x + self._ffn(self.final_layer_norm(x))
         a = F.dropout(self.self_attn(x, pos_bias, key_mask), self.dropout, self.training)
         x = self.self_attn_layer_norm(torch.add(a, x, alpha=self.alpha))  # alpha * x + a in one pass
@@ -312,8 +322,9 @@ class _Encoder(nn.Module):
         emb = self.layers[0].self_attn.relative_attention_bias.weight
         return emb[buckets].permute(2, 0, 1).contiguous()  # (H, T, T)
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None, num_layers: int | None = None,
-                all_hiddens: bool = False) -> tuple[Tensor, list[Tensor]]:
+    def forward(
+        self, x: Tensor, padding_mask: Tensor | None, num_layers: int | None = None, all_hiddens: bool = False
+    ) -> tuple[Tensor, list[Tensor]]:
         """``x`` (B, T, C), ``padding_mask`` (B, T) -> last hidden (B, T, C) and the list of hiddens."""
         if padding_mask is not None:
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
@@ -367,8 +378,13 @@ class BEATs(nn.Module):
     torch.Size([2, 48, 64])
     """
 
-    def __init__(self, ckp_path: str | os.PathLike | None = None, freeze: bool = True,
-                 output_all_hiddens: bool = False, cfg: BEATsConfig | dict | None = None) -> None:
+    def __init__(
+        self,
+        ckp_path: str | os.PathLike | None = None,
+        freeze: bool = True,
+        output_all_hiddens: bool = False,
+        cfg: BEATsConfig | dict | None = None,
+    ) -> None:
         super().__init__()
         ckpt = load_checkpoint(ckp_path) if ckp_path is not None else None
         config = BEATsConfig(ckpt["cfg"]) if ckpt is not None else BEATsConfig()
@@ -431,22 +447,28 @@ class BEATs(nn.Module):
             Missing or unexpected keys, or shape mismatches (all listed, with ``source``).
         """
         sd = dict(state_dict)
-        for new, old in (("weight_g", "parametrizations.weight.original0"),
-                         ("weight_v", "parametrizations.weight.original1")):
+        for new, old in (
+            ("weight_g", "parametrizations.weight.original0"),
+            ("weight_v", "parametrizations.weight.original1"),
+        ):
             old_key, new_key = f"encoder.pos_conv.0.{old}", f"encoder.pos_conv.0.{new}"
             if old_key in sd and new_key not in sd:
                 sd[new_key] = sd.pop(old_key)
         own = self.state_dict()
         missing = sorted(set(own) - set(sd))
         unexpected = sorted(set(sd) - set(own))
-        shapes = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(sd[k].shape)}"
-                  for k in own if k in sd and tuple(own[k].shape) != tuple(sd[k].shape)]
+        shapes = [
+            f"{k}: expected {tuple(own[k].shape)}, got {tuple(sd[k].shape)}"
+            for k in own
+            if k in sd and tuple(own[k].shape) != tuple(sd[k].shape)
+        ]
         problems = []
         if missing:
             problems.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)})")
         if unexpected:
-            problems.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
-                            f"({len(unexpected)})")
+            problems.append(
+                f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)})"
+            )
         if shapes:
             problems.append("shape mismatch " + "; ".join(shapes[:8]))
         if problems:
@@ -477,8 +499,9 @@ class BEATs(nn.Module):
     # ---------------------------------------------------------------- forward pass
     def preprocess(self, wav: Tensor, fbank_mean: float = FBANK_MEAN, fbank_std: float = FBANK_STD) -> Tensor:
         """Normalised 128-bin Kaldi fbank of ``wav * 2**15``: ``(B, N)`` -> ``(B, frames, 128)`` float32."""
-        fbank = kaldi_fbank(wav * 2**15, num_mel_bins=NUM_MEL_BINS, sample_frequency=16000.0,
-                            frame_length=25.0, frame_shift=10.0)
+        fbank = kaldi_fbank(
+            wav * 2**15, num_mel_bins=NUM_MEL_BINS, sample_frequency=16000.0, frame_length=25.0, frame_shift=10.0
+        )
         return (fbank - fbank_mean) / (2 * fbank_std)
 
     def embed_patches(self, fbank: Tensor) -> Tensor:
@@ -491,16 +514,24 @@ class BEATs(nn.Module):
         x = x.permute(0, 1, 3, 2, 4).reshape(B, t * f, p * p)  # (B, T, p*p), time-major tokens
         return F.linear(x, w.reshape(w.shape[0], -1), self.patch_embedding.bias)  # (B, T, E)
 
-    def forward(self, wav: Tensor, wav_lens: Tensor | None = None, fbank_mean: float = FBANK_MEAN,
-                fbank_std: float = FBANK_STD) -> tuple:
+    def forward(
+        self, wav: Tensor, wav_lens: Tensor | None = None, fbank_mean: float = FBANK_MEAN, fbank_std: float = FBANK_STD
+    ) -> tuple:
         """Encode a batch; without gradients when frozen. See :meth:`extract_features`."""
         if self.freeze:
             with torch.no_grad():
                 return self.extract_features(wav, wav_lens, fbank_mean, fbank_std)
         return self.extract_features(wav, wav_lens, fbank_mean, fbank_std)
 
-    def extract_features(self, wav: Tensor, wav_lens: Tensor | None = None, fbank_mean: float = FBANK_MEAN,
-                         fbank_std: float = FBANK_STD, *, layer: int | None = None) -> tuple:
+    def extract_features(
+        self,
+        wav: Tensor,
+        wav_lens: Tensor | None = None,
+        fbank_mean: float = FBANK_MEAN,
+        fbank_std: float = FBANK_STD,
+        *,
+        layer: int | None = None,
+    ) -> tuple:
         """Encode a batch of 16 kHz waveforms.
 
         Arguments

@@ -91,8 +91,10 @@ class ASR(sb.Brain):
         """Words per utterance from the best CTC path."""
         from lobes.asr import ctc_greedy_decode
 
-        return [self.tokenizer.sp.decode_ids(h).split() for h in
-                ctc_greedy_decode(ctc_lp, enc_lens, self.hparams.blank_index)]
+        return [
+            self.tokenizer.sp.decode_ids(h).split()
+            for h in ctc_greedy_decode(ctc_lp, enc_lens, self.hparams.blank_index)
+        ]
 
     def search(self, ctc_lp, enc_lens):
         """Test-time words: the YAML's ``test_decoder`` (lexicon + word LM), else speechbrain's CTC beam
@@ -111,8 +113,10 @@ class ASR(sb.Brain):
     def on_stage_start(self, stage, epoch=None):
         if stage != sb.Stage.TRAIN:
             self.wer_metric = self.hparams.error_rate_computer()
-            self.extra_metrics = {"greedy": self.hparams.error_rate_computer(),
-                                  "lexicon": self.hparams.error_rate_computer()}
+            self.extra_metrics = {
+                "greedy": self.hparams.error_rate_computer(),
+                "lexicon": self.hparams.error_rate_computer(),
+            }
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         stats = {"loss": stage_loss}
@@ -125,15 +129,17 @@ class ASR(sb.Brain):
             stats[f"{name}_WER"] = metric.summarize("error_rate")
         if stage == sb.Stage.VALID:
             lr = self.hparams.lr_annealing.current_lr
-            self.hparams.train_logger.log_stats({"epoch": epoch, "lr": lr}, train_stats=self.train_stats,
-                                                valid_stats=stats)
-            self.checkpointer.save_and_keep_only(meta={"WER": stats["WER"], "epoch": epoch}, min_keys=["WER"],
-                                                 num_to_keep=self.hparams.keep_checkpoints)
-            self.history.record(epoch, train_loss=self.train_stats["loss"], valid_loss=stage_loss,
-                                valid_wer=stats["WER"])
+            self.hparams.train_logger.log_stats(
+                {"epoch": epoch, "lr": lr}, train_stats=self.train_stats, valid_stats=stats
+            )
+            self.checkpointer.save_and_keep_only(
+                meta={"WER": stats["WER"], "epoch": epoch}, min_keys=["WER"], num_to_keep=self.hparams.keep_checkpoints
+            )
+            self.history.record(
+                epoch, train_loss=self.train_stats["loss"], valid_loss=stage_loss, valid_wer=stats["WER"]
+            )
         else:
-            self.hparams.train_logger.log_stats({"Epoch loaded": self.hparams.epoch_counter.current},
-                                                test_stats=stats)
+            self.hparams.train_logger.log_stats({"Epoch loaded": self.hparams.epoch_counter.current}, test_stats=stats)
             if sb.utils.distributed.if_main_process():
                 write_test_wers(self.hparams.wer_file, self.hparams.output_folder, self.wer_metric, extras)
 
@@ -163,10 +169,12 @@ def prepare_noise(hparams):
 
     folder, name = os.path.split(hparams["noise_csv"])
     if name != "noise.csv":
-        raise ValueError(f"noise_csv must end in noise.csv (the clips are synthesized beside it); "
-                         f"got {hparams['noise_csv']}")
-    prepare_on_main(functools.partial(prepare_noise_corpus, folder, num=hparams["num_noise"],
-                                      seed=hparams["corpus_seed"]))
+        raise ValueError(
+            f"noise_csv must end in noise.csv (the clips are synthesized beside it); got {hparams['noise_csv']}"
+        )
+    prepare_on_main(
+        functools.partial(prepare_noise_corpus, folder, num=hparams["num_noise"], seed=hparams["corpus_seed"])
+    )
 
 
 def dataio_prepare(hparams, manifests, tokenizer):
@@ -209,9 +217,15 @@ def length_bucketed_loader(hparams, train_set, loader_kwargs):
     ``DynamicBatchSampler``): about ``max_batch_len`` seconds of audio per batch, little padding."""
     from speechbrain.dataio.sampler import DynamicBatchSampler
 
-    sampler = DynamicBatchSampler(train_set, max_batch_length=hparams["max_batch_len"],
-                                  num_buckets=hparams["num_buckets"], length_func=lambda x: float(x["duration"]),
-                                  shuffle=True, batch_ordering="random", seed=hparams["seed"])
+    sampler = DynamicBatchSampler(
+        train_set,
+        max_batch_length=hparams["max_batch_len"],
+        num_buckets=hparams["num_buckets"],
+        length_func=lambda x: float(x["duration"]),
+        shuffle=True,
+        batch_ordering="random",
+        seed=hparams["seed"],
+    )
     kept = {k: v for k, v in loader_kwargs.items() if k not in ("batch_size", "shuffle", "sampler", "drop_last")}
     return {**kept, "batch_sampler": sampler}
 
@@ -236,8 +250,9 @@ def build_test_decoding(hparams, asr, tokenizer, train_csv):
 
         # word boundaries of SentencePiece pieces become spaces, so the searcher's text splits into words
         vocab = [tokenizer.sp.id_to_piece(i).replace("\u2581", " ") for i in range(tokenizer.sp.get_piece_size())]
-        asr.ctc_beam = CTCBeamSearcher(blank_index=hparams["blank_index"], vocab_list=vocab,
-                                       beam_size=hparams["test_beam_size"])
+        asr.ctc_beam = CTCBeamSearcher(
+            blank_index=hparams["blank_index"], vocab_list=vocab, beam_size=hparams["test_beam_size"]
+        )
 
 
 def main(argv):
@@ -253,20 +268,34 @@ def main(argv):
     manifests = prepare_on_main(hparams["prepare"])  # {"train", "valid", "test"}: CSV paths
     prepare_noise(hparams)
 
-    tokenizer = SentencePiece(model_dir=hparams["save_folder"], vocab_size=hparams["output_neurons"],
-                              annotation_train=manifests["train"], annotation_read="wrd",
-                              model_type=hparams["token_type"], character_coverage=1.0, bos_id=-1, eos_id=-1,
-                              unk_id=hparams["unk_index"])
+    tokenizer = SentencePiece(
+        model_dir=hparams["save_folder"],
+        vocab_size=hparams["output_neurons"],
+        annotation_train=manifests["train"],
+        annotation_read="wrd",
+        model_type=hparams["token_type"],
+        character_coverage=1.0,
+        bos_id=-1,
+        eos_id=-1,
+        unk_id=hparams["unk_index"],
+    )
     if tokenizer.sp.get_piece_size() > hparams["output_neurons"]:
-        raise ValueError(f"the tokenizer has {tokenizer.sp.get_piece_size()} tokens but output_neurons is "
-                         f"{hparams['output_neurons']}; raise output_neurons")
+        raise ValueError(
+            f"the tokenizer has {tokenizer.sp.get_piece_size()} tokens but output_neurons is "
+            f"{hparams['output_neurons']}; raise output_neurons"
+        )
     if hparams["ctc_weight"] < 1.0 and hparams["model"].decoder is None:
         raise ValueError("ctc_weight < 1 needs an attention decoder: pick a preset with one or set ctc_weight: 1.0")
     datasets = dataio_prepare(hparams, manifests, tokenizer)
 
     guard_checkpoints(hparams["checkpointer"])
-    asr = ASR(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams, run_opts=run_opts,
-              checkpointer=hparams["checkpointer"])
+    asr = ASR(
+        modules=hparams["modules"],
+        opt_class=hparams["opt_class"],
+        hparams=hparams,
+        run_opts=run_opts,
+        checkpointer=hparams["checkpointer"],
+    )
     asr.tokenizer = tokenizer
     asr.history = TrainingHistory(hparams["output_folder"], "valid_wer", "valid WER (%)")
     if asr.distributed_launch:
@@ -277,14 +306,19 @@ def main(argv):
         train_loader_kwargs = length_bucketed_loader(hparams, datasets["train"], train_loader_kwargs)
         if not asr.distributed_launch:  # under DDP, speechbrain wraps it and calls set_epoch itself
             asr.train_sampler = train_loader_kwargs["batch_sampler"]  # reshuffled every epoch
-    set_schedule_length(hparams["lr_annealing"], asr, datasets["train"], train_loader_kwargs,
-                        hparams["number_of_epochs"])
+    set_schedule_length(
+        hparams["lr_annealing"], asr, datasets["train"], train_loader_kwargs, hparams["number_of_epochs"]
+    )
     n_params = sum(p.numel() for p in hparams["model"].parameters())
     logger.info("model: %.2f M parameters", n_params / 1e6)
 
-    asr.fit(asr.hparams.epoch_counter, datasets["train"], datasets["valid"],
-            train_loader_kwargs=train_loader_kwargs,
-            valid_loader_kwargs=hparams["valid_dataloader_opts"])
+    asr.fit(
+        asr.hparams.epoch_counter,
+        datasets["train"],
+        datasets["valid"],
+        train_loader_kwargs=train_loader_kwargs,
+        valid_loader_kwargs=hparams["valid_dataloader_opts"],
+    )
     asr.evaluate(datasets["test"], min_key="WER", test_loader_kwargs=hparams["test_dataloader_opts"])
 
     # --- Inference folder ---------------------------------------------------------------------------------

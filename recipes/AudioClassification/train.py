@@ -114,12 +114,14 @@ class AudioClassifier(sb.Brain):
         elif stage == sb.Stage.VALID:
             lr = max(g["lr"] for g in self.optimizer.param_groups)
             self.hparams.train_logger.log_stats(
-                {"epoch": epoch, "lr": lr}, train_stats=self.train_stats,
+                {"epoch": epoch, "lr": lr},
+                train_stats=self.train_stats,
                 valid_stats={"loss": stage_loss, "acc": stats["acc"]},
             )
             self.checkpointer.save_and_keep_only(meta={"acc": stats["acc"]}, max_keys=["acc"], num_to_keep=1)
-            self.history.record(epoch, train_loss=self.train_stats["loss"], valid_loss=stage_loss,
-                                valid_acc=100 * stats["acc"])
+            self.history.record(
+                epoch, train_loss=self.train_stats["loss"], valid_loss=stage_loss, valid_acc=100 * stats["acc"]
+            )
         else:
             self.hparams.train_logger.log_stats(  # on every process: it synchronises them
                 {"Epoch loaded": self.hparams.epoch_counter.current},
@@ -130,8 +132,13 @@ class AudioClassifier(sb.Brain):
 
     def init_optimizers(self):
         """One parameter group per encoder depth (layer-wise decay) plus the head at its own rate."""
-        groups = param_groups(self.modules, self.hparams.lr_head, self.hparams.lr_encoder,
-                              self.hparams.layer_decay, self.hparams.freeze_encoder)
+        groups = param_groups(
+            self.modules,
+            self.hparams.lr_head,
+            self.hparams.lr_encoder,
+            self.hparams.layer_decay,
+            self.hparams.freeze_encoder,
+        )
         self.optimizer = self.opt_class(groups)
         self.optimizers_dict = {"opt_class": self.optimizer}
         self.checkpointer.add_recoverable("optimizer", self.optimizer)
@@ -143,8 +150,7 @@ def param_groups(modules, lr_head, lr_encoder, layer_decay, freeze_encoder):
     Depth 0 holds everything below the first transformer layer (patch embedding, positional
     convolution), depth ``i + 1`` holds ``layers.i``; the top layer gets ``lr_encoder`` itself.
     """
-    head = [p for name, m in modules.items() if name != "encoder" for p in m.parameters()
-            if p.requires_grad]
+    head = [p for name, m in modules.items() if name != "encoder" for p in m.parameters() if p.requires_grad]
     groups = [{"params": head, "base_lr": lr_head, "lr": lr_head, "name": "head"}]
     if freeze_encoder:
         return groups
@@ -168,17 +174,19 @@ def confusion_stats(confusion):
     total = sum(map(sum, confusion))
     correct = sum(confusion[i][i] for i in range(len(confusion)))
     per_class = [row[i] / sum(row) if sum(row) else None for i, row in enumerate(confusion)]
-    return {"acc": correct / max(total, 1), "per_class_acc": per_class, "confusion": confusion,
-            "count": total}
+    return {"acc": correct / max(total, 1), "per_class_acc": per_class, "confusion": confusion, "count": total}
 
 
 def write_results(stats, label_encoder, folder: Path):
     """``test_results.json`` + ``confusion.png`` with class names."""
     names = [label_encoder.ind2lab[i] for i in range(len(label_encoder))]
     payload = {
-        "accuracy": stats["acc"], "num_test": stats["count"], "test_loss": stats["loss"],
+        "accuracy": stats["acc"],
+        "num_test": stats["count"],
+        "test_loss": stats["loss"],
         "per_class_accuracy": dict(zip(names, stats["per_class_acc"])),
-        "classes": names, "confusion": stats["confusion"],
+        "classes": names,
+        "confusion": stats["confusion"],
     }
     atomic_write_text(folder / "test_results.json", json.dumps(payload, indent=2))
     logger.info("test accuracy %.4f on %d clips", stats["acc"], stats["count"])
@@ -203,8 +211,15 @@ def plot_confusion(confusion, names, path: Path):
         for i in range(len(names)):
             for j in range(len(names)):
                 if confusion[i][j]:
-                    ax.text(j, i, confusion[i][j], ha="center", va="center", fontsize=6,
-                            color="white" if mat[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        confusion[i][j],
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if mat[i, j] > 0.5 else "black",
+                    )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("test confusion (counts; colour = row fraction)")
@@ -222,7 +237,8 @@ def dataio_prepare(hparams, csvs):
         check_manifest(path, ("ID", "wav", "label"))
     datasets = {
         split: sb.dataio.dataset.DynamicItemDataset.from_csv(
-            csvs[split], replacements={"data_root": hparams["data_folder"]})
+            csvs[split], replacements={"data_root": hparams["data_folder"]}
+        )
         for split in ("train", "valid", "test")
     }
     label_encoder = hparams["label_encoder"]
@@ -243,8 +259,10 @@ def dataio_prepare(hparams, csvs):
     sb.dataio.dataset.add_dynamic_item(list(datasets.values()), audio_pipeline)
     sb.dataio.dataset.add_dynamic_item(list(datasets.values()), label_pipeline)
     encoder_file = os.path.join(hparams["save_folder"], "label_encoder.txt")
-    run_on_main(label_encoder.load_or_create, kwargs={
-        "path": encoder_file, "from_didatasets": [datasets["train"]], "output_key": "label"})
+    run_on_main(
+        label_encoder.load_or_create,
+        kwargs={"path": encoder_file, "from_didatasets": [datasets["train"]], "output_key": "label"},
+    )
     label_encoder.load_or_create(path=encoder_file)
     sb.dataio.dataset.set_output_keys(list(datasets.values()), ["id", "sig", "label_encoded"])
     return datasets
@@ -254,8 +272,10 @@ def check_hparams(hparams):
     """Fails fast on settings that cannot work, before anything is written."""
     encoder_dim = hparams["encoder"].cfg.encoder_embed_dim
     if encoder_dim != hparams["emb_dim"]:
-        raise ValueError(f"emb_dim: {hparams['emb_dim']}, but the encoder's encoder_embed_dim is "
-                         f"{encoder_dim}; pass --emb_dim {encoder_dim}")
+        raise ValueError(
+            f"emb_dim: {hparams['emb_dim']}, but the encoder's encoder_embed_dim is "
+            f"{encoder_dim}; pass --emb_dim {encoder_dim}"
+        )
 
 
 def main(argv):
@@ -282,16 +302,22 @@ def main(argv):
         checkpointer.add_recoverable("encoder", modules["encoder"])
 
     guard_checkpoints(checkpointer)
-    brain = AudioClassifier(modules=modules, opt_class=hparams["opt_class"], hparams=hparams,
-                            run_opts=run_opts, checkpointer=checkpointer)
+    brain = AudioClassifier(
+        modules=modules, opt_class=hparams["opt_class"], hparams=hparams, run_opts=run_opts, checkpointer=checkpointer
+    )
     brain.history = TrainingHistory(hparams["output_folder"], "valid_acc", "valid accuracy (%)")
     if brain.distributed_launch:
         logger.info("data-parallel training over %d processes", world_size())
-    set_schedule_length(hparams["lr_schedule"], brain, datasets["train"], hparams["train_dataloader_opts"],
-                        hparams["number_of_epochs"])
-    brain.fit(brain.hparams.epoch_counter, datasets["train"], datasets["valid"],
-              train_loader_kwargs=hparams["train_dataloader_opts"],
-              valid_loader_kwargs=hparams["valid_dataloader_opts"])
+    set_schedule_length(
+        hparams["lr_schedule"], brain, datasets["train"], hparams["train_dataloader_opts"], hparams["number_of_epochs"]
+    )
+    brain.fit(
+        brain.hparams.epoch_counter,
+        datasets["train"],
+        datasets["valid"],
+        train_loader_kwargs=hparams["train_dataloader_opts"],
+        valid_loader_kwargs=hparams["valid_dataloader_opts"],
+    )
     brain.evaluate(datasets["test"], max_key="acc", test_loader_kwargs=hparams["valid_dataloader_opts"])
 
     # --- Inference folder ---------------------------------------------------------------------------------
