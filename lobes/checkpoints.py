@@ -25,10 +25,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Mapping
+from typing import Any
 
 from lobes.io import atomic_write_text
 
-__all__ = ["COMPLETE_MARKER", "mark_complete_on_save", "remove_incomplete_checkpoints"]
+__all__ = ["COMPLETE_MARKER", "mark_complete_on_save", "remove_incomplete_checkpoints", "state_dict_mismatches"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,3 +64,43 @@ def remove_incomplete_checkpoints(folder: str | os.PathLike) -> list[str]:
             shutil.rmtree(path)
             removed.append(path)
     return removed
+
+
+def state_dict_mismatches(expected: Mapping[str, Any], given: Mapping[str, Any], limit: int = 8) -> list[str]:
+    """What keeps ``given`` from loading strictly where ``expected`` (a module's state dict) is: missing keys,
+    unexpected keys, wrong shapes, each naming the keys (empty when it fits).
+
+    Arguments
+    ---------
+    expected : mapping
+        The state dict of the module that will load the weights.
+    given : mapping
+        The weights read from a file.
+    limit : int
+        Keys named per kind of problem (the count is always given).
+
+    Returns
+    -------
+    list of str
+        One entry per kind of problem.
+
+    Example
+    -------
+    >>> import torch
+    >>> state_dict_mismatches(torch.nn.Linear(2, 3).state_dict(), {"weight": torch.zeros(3, 4), "scale": torch.ones(1)})
+    ["missing keys ['bias'] (1)", "unexpected keys ['scale'] (1)", 'wrong shapes weight: expected (3, 2), got (3, 4)']
+    """
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [
+        f"{k}: expected {tuple(expected[k].shape)}, got {tuple(getattr(given[k], 'shape', ()))}"
+        for k in expected
+        if k in given and tuple(getattr(given[k], "shape", ())) != tuple(expected[k].shape)
+    ]
+    problems = []
+    for kind, keys in (("missing keys", missing), ("unexpected keys", unexpected)):
+        if keys:
+            problems.append(f"{kind} {keys[:limit]}{' ...' if len(keys) > limit else ''} ({len(keys)})")
+    if shapes:
+        problems.append("wrong shapes " + "; ".join(shapes[:limit]) + (" ..." if len(shapes) > limit else ""))
+    return problems

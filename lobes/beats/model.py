@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from lobes.beats.checkpoint import BEATsCheckpointError, check_config_against_weights, load_checkpoint
 from lobes.beats.config import BEATsConfig
 from lobes.beats.pooling import NUM_MEL_BINS, masked_mean, min_num_samples, token_padding_mask, top_k_labels
+from lobes.checkpoints import state_dict_mismatches
 from lobes.features import kaldi_fbank
 from lobes.io import atomic_save
 from lobes.masks import to_sample_lengths
@@ -454,23 +455,7 @@ class BEATs(nn.Module):
             old_key, new_key = f"encoder.pos_conv.0.{old}", f"encoder.pos_conv.0.{new}"
             if old_key in sd and new_key not in sd:
                 sd[new_key] = sd.pop(old_key)
-        own = self.state_dict()
-        missing = sorted(set(own) - set(sd))
-        unexpected = sorted(set(sd) - set(own))
-        shapes = [
-            f"{k}: expected {tuple(own[k].shape)}, got {tuple(sd[k].shape)}"
-            for k in own
-            if k in sd and tuple(own[k].shape) != tuple(sd[k].shape)
-        ]
-        problems = []
-        if missing:
-            problems.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)})")
-        if unexpected:
-            problems.append(
-                f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)})"
-            )
-        if shapes:
-            problems.append("shape mismatch " + "; ".join(shapes[:8]))
+        problems = state_dict_mismatches(self.state_dict(), sd)
         if problems:
             raise BEATsCheckpointError(f"{source}: does not match the BEATs cfg: " + " | ".join(problems))
         self.load_state_dict(sd, strict=True)

@@ -34,6 +34,7 @@ from lobes.beats.config import BEATsConfig
 from lobes.beats.model import FBANK_MEAN, FBANK_STD, BEATs
 from lobes.beats.pooling import token_padding_mask
 from lobes.beats.quantizer import NormEMAVectorQuantizer
+from lobes.checkpoints import state_dict_mismatches
 from lobes.io import atomic_save
 
 __all__ = ["PAD_TOKEN_ID", "BEATsTokenizer", "TokenizerOutput", "Tokens", "TokenizersConfig"]
@@ -202,25 +203,10 @@ class BEATsTokenizer(BEATs):
             Missing or unexpected keys, or shape mismatches, each named (with ``source``).
         """
         own = self.state_dict()
+        problems = state_dict_mismatches(own, state_dict)
         missing = [k for k in own if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in own]
-        shapes = [
-            f"{k}: expected {tuple(own[k].shape)}, got {tuple(state_dict[k].shape)}"
-            for k in own
-            if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)
-        ]
-        problems = []
-        if missing:
-            hint = ""
-            if all(k.startswith(("quantize.", "quantize_layer.")) for k in missing):
-                hint = " (no quantizer: is this a BEATs model checkpoint rather than a tokenizer?)"
-            problems.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)}){hint}")
-        if unexpected:
-            problems.append(
-                f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)})"
-            )
-        if shapes:
-            problems.append("wrong shapes " + "; ".join(shapes[:8]))
+        if missing and all(k.startswith(("quantize.", "quantize_layer.")) for k in missing):
+            problems.append("no quantizer: is this a BEATs model checkpoint rather than a tokenizer?")
         if problems:
             raise BEATsCheckpointError(f"{source}: does not match the BEATs tokenizer cfg: " + " | ".join(problems))
         self.load_state_dict(dict(state_dict), strict=True)

@@ -23,13 +23,13 @@ from typing import Any
 
 from torch import nn
 
+from lobes.checkpoints import state_dict_mismatches
 from lobes.inference.asr_modules import KIND, CTCEncoder, check_tokenizer
 from lobes.inference.pretrained import (
     HPARAMS_FILE,
     PretrainedError,
     PretrainedWriter,
     read_state_dict,
-    state_dict_mismatches,
     yaml_text,
 )
 from lobes.inference.runs import best_checkpoint, build_entries, describe_training_data, yaml_tag

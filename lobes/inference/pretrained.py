@@ -37,6 +37,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from lobes.checkpoints import state_dict_mismatches
 from lobes.inputs import UsageError, fingerprint
 from lobes.io import atomic_write_bytes, atomic_write_text
 
@@ -51,7 +52,6 @@ __all__ = [
     "read_manifest",
     "read_state_dict",
     "state_dict_bytes",
-    "state_dict_mismatches",
     "yaml_text",
 ]
 
@@ -329,32 +329,6 @@ def read_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tenso
     if not isinstance(state, Mapping):
         raise PretrainedError(f"{path}: expected a state dict (name -> tensor) for {what}, got {type(state).__name__}")
     return dict(state)
-
-
-def state_dict_mismatches(expected: Mapping[str, torch.Tensor], state: Mapping[str, Any]) -> list[str]:
-    """What keeps ``state`` from loading strictly where ``expected`` (a module's state dict) is: missing keys,
-    unexpected keys, shapes (empty when it fits).
-
-    Example
-    -------
-    >>> state_dict_mismatches(torch.nn.Linear(2, 3).state_dict(), {"weight": torch.zeros(3, 4), "scale": torch.ones(1)})
-    ["missing keys ['bias']", "unexpected keys ['scale']", 'shapes weight: (3, 4) in the file, (3, 2) in the model']
-    """
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k}: {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} in the model"
-        for k in expected
-        if k in state and tuple(getattr(state[k], "shape", ())) != tuple(expected[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else ""))
-    if shapes:
-        problems.append("shapes " + "; ".join(shapes[:5]))
-    return problems
 
 
 def load_state_strict(module: torch.nn.Module, path: str | os.PathLike, name: str) -> None:
