@@ -227,13 +227,13 @@ def _prepare(args: argparse.Namespace) -> _Plan:
         labels = label_names(model, display_names)
 
     output.mkdir(parents=True, exist_ok=True)
-    record = output / SETTINGS_FILE
-    had_record = record.exists()
-    keep = check_run_settings(record, _settings(args, model, layer), overwrite=args.overwrite)
-    if args.overwrite and (not keep or not had_record):
+
+    def clear() -> None:
         removed = _remove_outputs(output)
         if removed:
             logger.warning("--overwrite: removed %d files of earlier outputs from %s", removed, output)
+
+    check_run_settings(output / SETTINGS_FILE, _settings(args, model, layer), overwrite=args.overwrite, clear=clear)
     return _Plan(output, shard, files, errors, model, layer, labels, device)
 
 

@@ -25,7 +25,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -342,13 +342,19 @@ def fingerprint(path: str | os.PathLike | None) -> str | None:
     return digest.hexdigest()
 
 
-def check_run_settings(record: str | os.PathLike, settings: Mapping[str, Any], overwrite: bool = False) -> bool:
+def check_run_settings(
+    record: str | os.PathLike,
+    settings: Mapping[str, Any],
+    overwrite: bool = False,
+    clear: Callable[[], Any] | None = None,
+) -> bool:
     """Make sure earlier outputs were made with the same ``settings`` before a run adds to them.
 
     The first run writes ``settings`` as JSON to ``record``; a later run with the same settings resumes
     (returns ``True``); with other settings it raises :class:`SettingsMismatch` naming each difference,
-    unless ``overwrite`` is set, in which case the record is replaced and the caller must discard the
-    old outputs (returns ``False``).
+    unless ``overwrite`` is set: then ``clear()`` discards the old outputs and only afterwards is the record
+    replaced (returns ``False``), so a run killed half-way through never leaves old outputs under a record of
+    the new settings. With ``overwrite`` and no record yet, ``clear()`` also runs (outputs of unknown settings).
 
     Arguments
     ---------
@@ -358,6 +364,8 @@ def check_run_settings(record: str | os.PathLike, settings: Mapping[str, Any], o
         JSON-serialisable values that change the outputs (model fingerprint, layer, precision, ...).
     overwrite : bool
         Replace earlier outputs made with other settings instead of refusing.
+    clear : callable, optional
+        Deletes the earlier outputs; required with ``overwrite``.
 
     Returns
     -------
@@ -377,6 +385,8 @@ def check_run_settings(record: str | os.PathLike, settings: Mapping[str, Any], o
     """
     record = Path(record)
     settings = json.loads(json.dumps(dict(settings)))  # normalised as it will read back
+    if overwrite and clear is None:
+        raise ValueError("check_run_settings: overwrite needs clear, the function that deletes the old outputs")
     if record.exists():
         try:
             old = json.loads(record.read_text(encoding="utf-8"))
@@ -395,8 +405,11 @@ def check_run_settings(record: str | os.PathLike, settings: Mapping[str, Any], o
                 f"{record.parent} was made with other settings: {'; '.join(diffs)}; use "
                 "another output, the same settings to resume, or --overwrite to start over"
             )
+        clear()  # before the new record: a kill in between leaves the old record, which refuses a mix
         atomic_write_text(record, json.dumps(settings, indent=1, sort_keys=True))
         return False
+    if overwrite:
+        clear()
     atomic_write_text(record, json.dumps(settings, indent=1, sort_keys=True))
     return True
 

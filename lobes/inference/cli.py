@@ -443,8 +443,13 @@ def run(args: argparse.Namespace, load_task: Callable[[argparse.Namespace], Task
     if output is not None:
         record = Path(f"{output.path}.settings.json")
         if args.overwrite:
-            check_run_settings(record, settings, overwrite=True)
-            output.clear()
+
+            def clear() -> None:  # the file too: a kill before the next save must not leave it under the new record
+                output.clear()
+                Path(output.path).unlink(missing_ok=True)
+
+            clear()
+            check_run_settings(record, settings, overwrite=True, clear=clear)
         else:
             try:
                 check_run_settings(record, settings)
