@@ -15,27 +15,14 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
+from _builders import ROOT
+from _builders import TINY_BEATS_CFG as TINY_CFG
 
 import lobes.extract as extract
 from lobes.beats import BEATs, BEATsConfig, valid_token_counts
 from lobes.extract import SETTINGS_FILE, _build_parser, main
 from lobes.inputs import EXIT_FAILED_FILES, EXIT_OK, EXIT_USAGE, fingerprint, length_batches
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_CFG = {
-    "embed_dim": 32,
-    "encoder_layers": 2,
-    "encoder_embed_dim": 32,
-    "encoder_ffn_embed_dim": 64,
-    "encoder_attention_heads": 4,
-    "conv_pos": 16,
-    "conv_pos_groups": 2,
-    "deep_norm": True,
-    "relative_position_embedding": True,
-    "gru_rel_pos": True,
-    "num_buckets": 32,
-    "max_distance": 800,
-}
 ATOL = 2e-4  # fp32, batched-and-padded vs. alone
 # conv_pos_groups = 2 (16 channels per group): with 8 channels per group, torch 2.11's CPU bf16 grouped
 # conv1d returns wrong values, which would hide the bf16 check below behind that unrelated defect.
