@@ -119,6 +119,17 @@ def measure(
     return result
 
 
+def forward_backward_step(module: Any, call: Callable, x: Any) -> Callable[[], None]:
+    """A zero-argument training step for :func:`measure`: ``call(x)``, backward through its sum, gradients reset."""
+
+    def step() -> None:
+        call(x).sum().backward()
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+
+    return step
+
+
 def ratio(num: float | None, den: float | None) -> float | None:
     if num is None or den is None or den == 0:
         return None

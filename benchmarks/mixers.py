@@ -22,7 +22,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import fmt, measure, plot_lines, print_table, ratio, write_json  # noqa: E402
+from benchmarks.common import fmt, forward_backward_step, measure, plot_lines, print_table, ratio, write_json  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +80,7 @@ def setup(name: str, length: int):
     else:
         raise ValueError(f"unknown candidate {name!r}; expected one of {', '.join(CANDIDATES)}")
     x = torch.randn(BATCH, length, D_MODEL, requires_grad=True)
-
-    def step():
-        out = call(x)
-        out.sum().backward()
-        x.grad = None
-        module.zero_grad(set_to_none=True)
-
-    return step
+    return forward_backward_step(module, call, x)
 
 
 def main(argv: list[str] | None = None) -> dict:
