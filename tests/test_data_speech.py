@@ -247,3 +247,47 @@ def test_noise_corpus_works_with_speechbrain_addnoise(tmp_path):
     clean = torch.zeros(2, 12000)
     noisy = AddNoise(csv_file=path, snr_low=0, snr_high=0, pad_noise=True)(clean + 0.1, torch.ones(2))
     assert noisy.shape == clean.shape and float((noisy - 0.1).abs().mean()) > 1e-3
+
+
+def test_new_words_split_holds_words_no_training_sentence_has(tmp_path):
+    from lobes.data.text import HELD_OUT_WORDS
+
+    paths = speech.prepare_speech_corpus(str(tmp_path), seed=4, num_workers=0, num_test_new_words=12, **SIZES)
+    rows = {split: load_manifest(path, required=speech.SPEECH_COLUMNS) for split, path in paths.items()}
+    assert sorted(rows) == ["test", "test_new_words", "train", "valid"] and len(rows["test_new_words"]) == 12
+    held_out = set(HELD_OUT_WORDS)
+    training_words = {w for row in rows["train"] for w in row["wrd"].split()}
+    assert not training_words & held_out
+    for row in rows["valid"] + rows["test"]:
+        assert not set(row["wrd"].split()) & held_out
+    for row in rows["test_new_words"]:
+        assert set(row["wrd"].split()) & held_out, row["wrd"]
+    # test voices, and no sentence of another split is a training sentence
+    voices = json.load(open(tmp_path / "voices.json"))["variants"]["test"]
+    assert all(row["spk_id"].partition("+")[2] in voices for row in rows["test_new_words"])
+    train_sentences = {row["wrd"] for row in rows["train"]}
+    others = [row["wrd"] for split in ("valid", "test", "test_new_words") for row in rows[split]]
+    assert not train_sentences.intersection(others)
+    # asking for the split leaves the other splits byte-identical
+    plain = speech.prepare_speech_corpus(str(tmp_path / "plain"), seed=4, num_workers=0, **SIZES)
+    assert sorted(plain) == ["test", "train", "valid"]
+    assert _manifest_texts(plain, tmp_path / "plain") == {
+        k: v for k, v in _manifest_texts(paths, tmp_path).items() if k != "test_new_words"
+    }
+
+
+def test_with_new_words_fixes_articles_and_keeps_other_words():
+    from lobes.data.text import HELD_OUT_WORDS, with_new_words
+
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(200):
+        words = with_new_words(rng, "AN OLD DOG SAW A BOX NEAR THE RIVER").split()
+        assert len(words) == 9 and words[:2] == ["AN", "OLD"] and words[3] == "SAW" and words[6:8] == ["NEAR", "THE"]
+        replaced = [i for i in (2, 5, 8) if words[i] in HELD_OUT_WORDS]
+        assert replaced, words
+        seen.update(words[i] for i in replaced)
+        if 5 in replaced:  # the article before a replaced noun agrees with it
+            assert words[4] == ("AN" if words[5][0] in "AEIOU" else "A")
+    assert {"UMBRELLA", "ENVELOPE"} & seen and {"TIGER", "ZEBRA"} & seen
+    assert with_new_words(rng, "WE WILL WAIT") == "WE WILL WAIT"  # no noun: unchanged

@@ -4,12 +4,16 @@ Each utterance is a random sentence (:mod:`lobes.data.text`) spoken by a random 
 voice (English accent) combined with a voice variant — at a random speaking rate, pitch and pitch
 range, padded with a little silence, mixed with noise at a random SNR and scaled to a random peak
 level. The splits are disjoint by voice variant: no variant of the test (or valid) set is heard in
-training, so a test voice is never seen in training.
+training, so a test voice is never seen in training. No valid or test sentence is a training sentence.
+The optional ``test_new_words`` split is spoken by the test voices and every sentence of it holds at
+least one noun the grammar never produces, for measuring open-vocabulary decoding.
 
 Layout written under ``data_folder``::
 
     train.csv valid.csv test.csv       columns ID, duration, wav, spk_id, wrd
-    train/ valid/ test/                16 kHz mono 16-bit wavs
+    test_new_words.csv                 (with num_test_new_words > 0) test voices, sentences holding words
+                                       that no training sentence has (:data:`lobes.data.text.HELD_OUT_WORDS`)
+    train/ valid/ test/ ...            16 kHz mono 16-bit wavs
     voices.json                        the variant of each split
     .train.csv.done ...                completion markers (written last)
 
@@ -34,14 +38,14 @@ from lobes.data.audio import mix_at_snr, scale_to_peak, synthetic_noise
 from lobes.data.corpus import SAMPLE_RATE, build_split, write_if_changed
 from lobes.data.espeak import list_base_voices, list_voice_variants, synthesize_batch
 from lobes.data.noise import prepare_noise_corpus
-from lobes.data.text import random_sentence
+from lobes.data.text import random_sentence, with_new_words
 
 __all__ = ["SPEECH_COLUMNS", "render_utterances", "prepare_noise_corpus", "prepare_speech_corpus", "split_variants"]
 
 SPEECH_COLUMNS = ["ID", "duration", "wav", "spk_id", "wrd"]
 """Columns of the speech manifests (LibriSpeech-style)."""
 
-_SPLITS = ("train", "valid", "test")
+_SPLITS = ("train", "valid", "test", "test_new_words")  # the index seeds each split's plan
 
 _DEFAULTS = {
     "language_prefix": "en",
@@ -154,15 +158,23 @@ def _base_voices(opts: dict) -> list[str]:
 
 
 def _plan_split(
-    split: str, num: int, folder: str, seed: int, bases: list[str], variants: list, opts: dict
+    split: str,
+    num: int,
+    folder: str,
+    seed: int,
+    bases: list[str],
+    variants: list,
+    opts: dict,
+    exclude: frozenset = frozenset(),
 ) -> list[dict]:
-    """Every random choice of a split, drawn up front so that rendering is a pure function of the item."""
+    """Every random choice of a split, drawn up front so that rendering is a pure function of the item.
+    A sentence in ``exclude`` (the training sentences, for the other splits) is drawn again."""
     rng = np.random.default_rng([seed, _SPLITS.index(split), 1])
     items = []
     for index in range(num):
         base = bases[int(rng.integers(len(bases)))]
         variant = variants[int(rng.integers(len(variants)))]
-        text = random_sentence(rng, opts["max_words"])
+        text = _draw_sentence(rng, opts["max_words"], split == "test_new_words", exclude)
         noise = None
         if opts["noise_kinds"] and rng.random() < opts["noise_probability"]:
             noise = opts["noise_kinds"][int(rng.integers(len(opts["noise_kinds"])))]
@@ -187,6 +199,18 @@ def _plan_split(
             }
         )
     return items
+
+
+def _draw_sentence(rng: np.random.Generator, max_words, new_words: bool, exclude: frozenset) -> str:
+    while True:
+        text = random_sentence(rng, max_words)
+        if new_words:
+            changed = with_new_words(rng, text)
+            if changed == text:  # no noun to replace: draw another sentence
+                continue
+            text = changed
+        if text not in exclude:
+            return text
 
 
 def render_utterances(items: list[dict]) -> list[np.ndarray]:
@@ -226,6 +250,7 @@ def prepare_speech_corpus(
     num_valid: int = 300,
     num_test: int = 600,
     seed: int = 1234,
+    num_test_new_words: int = 0,
     **options,
 ) -> dict[str, str]:
     """Synthesize (or complete) the speech corpus and return its manifests.
@@ -239,6 +264,9 @@ def prepare_speech_corpus(
     seed : int
         Everything (texts, voices, prosody, noise) is a function of the seed: the same seed gives
         byte-identical manifests and audio.
+    num_test_new_words : int
+        Utterances of the ``test_new_words`` split (test voices; every sentence holds at least one of
+        :data:`lobes.data.text.HELD_OUT_WORDS`, which no other split has); 0: no such split.
     **options
         ``base_voices`` (list of base voices; default all of ``language_prefix="en"`` but
         ``exclude_base_voices=("en-shaw",)``), ``variants`` (default all bundled variants),
@@ -253,7 +281,7 @@ def prepare_speech_corpus(
     Returns
     -------
     dict
-        ``{"train": path, "valid": path, "test": path}`` of CSVs with columns
+        ``{"train": path, "valid": path, "test": path}`` (and ``"test_new_words"`` when asked) of CSVs with columns
         ``ID, duration, wav, spk_id, wrd`` (wav: absolute path of a 16 kHz mono wav; spk_id: the
         voice, e.g. ``en-gb-scotland+m3``; wrd: upper-case words).
 
@@ -267,7 +295,8 @@ def prepare_speech_corpus(
     >>> len(rows), rows[0]["wrd"] == rows[0]["wrd"].upper()
     (3, True)
     """
-    for name, value in (("num_train", num_train), ("num_valid", num_valid), ("num_test", num_test)):
+    sizes = {"train": num_train, "valid": num_valid, "test": num_test, "test_new_words": num_test_new_words}
+    for name, value in ((f"num_{split}", size) for split, size in sizes.items()):
         if not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     opts = _options(options)
@@ -293,15 +322,22 @@ def prepare_speech_corpus(
         "train": [None] + parts["train"],  # the plain base voice is a training voice
         "valid": parts["valid"],
         "test": parts["test"],
+        "test_new_words": parts["test"],
     }
     write_if_changed(
         os.path.join(data_folder, "voices.json"),
         json.dumps({"base_voices": bases, "variants": parts, "seed": seed}, indent=1) + "\n",
     )
-    sizes = {"train": num_train, "valid": num_valid, "test": num_test}
     paths = {}
+    training_sentences = frozenset()
     for split in _SPLITS:
-        items = _plan_split(split, sizes[split], data_folder, seed, bases, voice_sets[split], opts)
+        if split == "test_new_words" and not num_test_new_words:
+            continue
+        items = _plan_split(
+            split, sizes[split], data_folder, seed, bases, voice_sets[split], opts, exclude=training_sentences
+        )
+        if split == "train":
+            training_sentences = frozenset(item["wrd"] for item in items)
         paths[split] = build_split(
             items,
             render_utterances,
