@@ -20,7 +20,8 @@ __all__ = ["HELD_OUT_WORDS", "VOCABULARY", "random_sentence", "random_sentences"
 
 # Word classes (lower case; the grammar upper-cases the result).
 _NAMES = (
-    "john mary peter susan david emma james anna robert lucy thomas sarah paul laura mark helen george alice henry kate"
+    "john mary peter susan david emma james anna robert lucy thomas sarah paul laura mark helen "
+    "george alice henry kate"
 ).split()
 _PEOPLE = (
     "man woman boy girl child teacher doctor farmer driver baker student friend father mother "
@@ -47,109 +48,44 @@ _ADJECTIVES = (
 _COLORS = "red blue green yellow black white brown gray orange purple pink golden".split()
 # (base, third person, past) forms of transitive verbs.
 _TRANSITIVE = [
-    ("see", "sees", "saw"),
-    ("take", "takes", "took"),
-    ("find", "finds", "found"),
-    ("bring", "brings", "brought"),
-    ("carry", "carries", "carried"),
-    ("open", "opens", "opened"),
-    ("close", "closes", "closed"),
-    ("watch", "watches", "watched"),
-    ("want", "wants", "wanted"),
-    ("need", "needs", "needed"),
-    ("like", "likes", "liked"),
-    ("love", "loves", "loved"),
-    ("buy", "buys", "bought"),
-    ("sell", "sells", "sold"),
-    ("paint", "paints", "painted"),
-    ("clean", "cleans", "cleaned"),
-    ("push", "pushes", "pushed"),
-    ("pull", "pulls", "pulled"),
-    ("hold", "holds", "held"),
-    ("lose", "loses", "lost"),
-    ("keep", "keeps", "kept"),
-    ("leave", "leaves", "left"),
-    ("send", "sends", "sent"),
-    ("show", "shows", "showed"),
-    ("follow", "follows", "followed"),
-    ("help", "helps", "helped"),
-    ("call", "calls", "called"),
-    ("visit", "visits", "visited"),
-    ("move", "moves", "moved"),
-    ("fix", "fixes", "fixed"),
-    ("break", "breaks", "broke"),
-    ("build", "builds", "built"),
-    ("cook", "cooks", "cooked"),
-    ("draw", "draws", "drew"),
-    ("catch", "catches", "caught"),
-    ("throw", "throws", "threw"),
-    ("wash", "washes", "washed"),
-    ("fill", "fills", "filled"),
-    ("check", "checks", "checked"),
-    ("count", "counts", "counted"),
-    ("remember", "remembers", "remembered"),
-    ("forget", "forgets", "forgot"),
-    ("hide", "hides", "hid"),
-    ("cut", "cuts", "cut"),
-    ("drop", "drops", "dropped"),
-    ("pick", "picks", "picked"),
-    ("wear", "wears", "wore"),
-    ("read", "reads", "read"),
-    ("write", "writes", "wrote"),
-    ("ask", "asks", "asked"),
+    ("see", "sees", "saw"), ("take", "takes", "took"), ("find", "finds", "found"),
+    ("bring", "brings", "brought"), ("carry", "carries", "carried"), ("open", "opens", "opened"),
+    ("close", "closes", "closed"), ("watch", "watches", "watched"), ("want", "wants", "wanted"),
+    ("need", "needs", "needed"), ("like", "likes", "liked"), ("love", "loves", "loved"),
+    ("buy", "buys", "bought"), ("sell", "sells", "sold"), ("paint", "paints", "painted"),
+    ("clean", "cleans", "cleaned"), ("push", "pushes", "pushed"), ("pull", "pulls", "pulled"),
+    ("hold", "holds", "held"), ("lose", "loses", "lost"), ("keep", "keeps", "kept"),
+    ("leave", "leaves", "left"), ("send", "sends", "sent"), ("show", "shows", "showed"),
+    ("follow", "follows", "followed"), ("help", "helps", "helped"), ("call", "calls", "called"),
+    ("visit", "visits", "visited"), ("move", "moves", "moved"), ("fix", "fixes", "fixed"),
+    ("break", "breaks", "broke"), ("build", "builds", "built"), ("cook", "cooks", "cooked"),
+    ("draw", "draws", "drew"), ("catch", "catches", "caught"), ("throw", "throws", "threw"),
+    ("wash", "washes", "washed"), ("fill", "fills", "filled"), ("check", "checks", "checked"),
+    ("count", "counts", "counted"), ("remember", "remembers", "remembered"),
+    ("forget", "forgets", "forgot"), ("hide", "hides", "hid"), ("cut", "cuts", "cut"),
+    ("drop", "drops", "dropped"), ("pick", "picks", "picked"), ("wear", "wears", "wore"),
+    ("read", "reads", "read"), ("write", "writes", "wrote"), ("ask", "asks", "asked"),
 ]
 # (base, third person, past) forms of intransitive verbs.
 _INTRANSITIVE = [
-    ("walk", "walks", "walked"),
-    ("run", "runs", "ran"),
-    ("sleep", "sleeps", "slept"),
-    ("sing", "sings", "sang"),
-    ("dance", "dances", "danced"),
-    ("wait", "waits", "waited"),
-    ("work", "works", "worked"),
-    ("play", "plays", "played"),
-    ("laugh", "laughs", "laughed"),
-    ("cry", "cries", "cried"),
-    ("swim", "swims", "swam"),
-    ("jump", "jumps", "jumped"),
-    ("sit", "sits", "sat"),
-    ("stand", "stands", "stood"),
-    ("arrive", "arrives", "arrived"),
-    ("travel", "travels", "traveled"),
-    ("rest", "rests", "rested"),
-    ("smile", "smiles", "smiled"),
-    ("listen", "listens", "listened"),
-    ("talk", "talks", "talked"),
-    ("stay", "stays", "stayed"),
-    ("climb", "climbs", "climbed"),
-    ("fall", "falls", "fell"),
-    ("shout", "shouts", "shouted"),
+    ("walk", "walks", "walked"), ("run", "runs", "ran"), ("sleep", "sleeps", "slept"),
+    ("sing", "sings", "sang"), ("dance", "dances", "danced"), ("wait", "waits", "waited"),
+    ("work", "works", "worked"), ("play", "plays", "played"), ("laugh", "laughs", "laughed"),
+    ("cry", "cries", "cried"), ("swim", "swims", "swam"), ("jump", "jumps", "jumped"),
+    ("sit", "sits", "sat"), ("stand", "stands", "stood"), ("arrive", "arrives", "arrived"),
+    ("travel", "travels", "traveled"), ("rest", "rests", "rested"), ("smile", "smiles", "smiled"),
+    ("listen", "listens", "listened"), ("talk", "talks", "talked"), ("stay", "stays", "stayed"),
+    ("climb", "climbs", "climbed"), ("fall", "falls", "fell"), ("shout", "shouts", "shouted"),
 ]
 _ADVERBS = (
     "quickly slowly quietly loudly carefully happily sadly easily suddenly often always never "
     "again together alone early late soon today tomorrow yesterday"
 ).split()
 _TIMES = [
-    "in the morning",
-    "in the evening",
-    "at night",
-    "last week",
-    "next week",
-    "every day",
-    "on monday",
-    "on tuesday",
-    "on wednesday",
-    "on thursday",
-    "on friday",
-    "on saturday",
-    "on sunday",
-    "before dinner",
-    "after lunch",
-    "this summer",
-    "last winter",
-    "in spring",
-    "in the autumn",
-    "at noon",
+    "in the morning", "in the evening", "at night", "last week", "next week", "every day",
+    "on monday", "on tuesday", "on wednesday", "on thursday", "on friday", "on saturday",
+    "on sunday", "before dinner", "after lunch", "this summer", "last winter", "in spring",
+    "in the autumn", "at noon",
 ]
 _PREPOSITIONS = "in near behind under over beside inside outside across through".split()
 _COUNTABLE = [t for t in _THINGS if t not in ("bread", "milk", "water", "coffee", "paper")]
@@ -221,7 +157,10 @@ def _template(rng: np.random.Generator) -> str:
     if t == 1:  # mary carries the cup every day
         return f"{_noun_phrase(rng)} {_pick(rng, _TRANSITIVE)[1]} {_object_phrase(rng)} {_pick(rng, _TIMES)}"
     if t == 2:  # the dog walked slowly behind the house
-        return f"{_noun_phrase(rng)} {_pick(rng, _INTRANSITIVE)[2]} {_pick(rng, _ADVERBS)} {_place_phrase(rng)}"
+        return (
+            f"{_noun_phrase(rng)} {_pick(rng, _INTRANSITIVE)[2]} {_pick(rng, _ADVERBS)} "
+            f"{_place_phrase(rng)}"
+        )
     if t == 3:  # please bring the green bottle to the kitchen
         return f"please {_pick(rng, _TRANSITIVE)[0]} {_object_phrase(rng)} to the {_pick(rng, _PLACES)}"
     if t == 4:  # where did you find the key
@@ -235,7 +174,10 @@ def _template(rng: np.random.Generator) -> str:
     if t == 7:  # the teacher was tired after lunch
         return f"{_noun_phrase(rng)} was {_pick(rng, _FEELINGS)} {_pick(rng, _TIMES)}"
     if t == 8:  # john and the cat played together in the garden
-        return f"{_noun_phrase(rng)} and {_noun_phrase(rng)} {_pick(rng, _INTRANSITIVE)[2]} {_pick(rng, _ADVERBS)}"
+        return (
+            f"{_noun_phrase(rng)} and {_noun_phrase(rng)} {_pick(rng, _INTRANSITIVE)[2]} "
+            f"{_pick(rng, _ADVERBS)}"
+        )
     # the small bird likes the warm water because it is sweet
     return (
         f"{_noun_phrase(rng)} {_pick(rng, _TRANSITIVE)[1]} {_object_phrase(rng)} because it is "
@@ -245,30 +187,16 @@ def _template(rng: np.random.Generator) -> str:
 
 def _vocabulary() -> list[str]:
     words = set()
-    for group in (
-        _NAMES,
-        _PEOPLE,
-        _ANIMALS,
-        _THINGS,
-        _PLACES,
-        _ADJECTIVES,
-        _COLORS,
-        _ADVERBS,
-        _PREPOSITIONS,
-        _NUMBERS,
-        _QUESTION_WORDS,
-        _FEELINGS,
-    ):
+    for group in (_NAMES, _PEOPLE, _ANIMALS, _THINGS, _PLACES, _ADJECTIVES, _COLORS, _ADVERBS,
+                  _PREPOSITIONS, _NUMBERS, _QUESTION_WORDS, _FEELINGS):
         words.update(group)
     for forms in _TRANSITIVE + _INTRANSITIVE:
         words.update(forms)
     for phrase in _TIMES:
         words.update(phrase.split())
     words.update(_plural(thing) for thing in _COUNTABLE)
-    words.update(
-        "the a an my your our that this his her their some every please to did we they you i "
-        "she he will there are was and because it is".split()
-    )
+    words.update("the a an my your our that this his her their some every please to did we they you i "
+                 "she he will there are was and because it is".split())
     return sorted(w.upper() for w in words)
 
 
@@ -291,6 +219,7 @@ _REPLACEABLE = {
     for cls, words in (("names", _NAMES), ("animals", _ANIMALS), ("things", _THINGS), ("places", _PLACES))
 }
 _CLASS_OF = {w.upper(): cls for cls, words in _REPLACEABLE.items() for w in words}
+
 
 
 def random_sentence(rng: np.random.Generator, max_words: int | None = None) -> str:
