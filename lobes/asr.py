@@ -15,7 +15,7 @@ Decoding reuses speechbrain's searchers: :func:`ctc_greedy_decode` wraps
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -227,6 +227,11 @@ class AttentionDecoder(nn.Module):
         Dropout rate.
     activation : Callable[[], nn.Module]
         Activation class.
+    self_attention : MixerSpec, optional
+        Causal token mixer replacing every layer's self-attention (a module deep-copied per layer, or a
+        factory), e.g. ``lobes.hypermixing.ChunkCausalHyperMixing`` with ``chunk_size=1``: causal HyperMixing,
+        whose incremental decoding carries a state of constant size (:mod:`lobes.incremental`). Default:
+        speechbrain's multi-head attention under the causal mask.
 
     Example
     -------
@@ -247,6 +252,7 @@ class AttentionDecoder(nn.Module):
         pos_encoding: nn.Module,
         dropout: float = 0.1,
         activation: Callable[[], nn.Module] = nn.GELU,
+        self_attention: Optional[Any] = None,
     ):
         super().__init__()
         from speechbrain.lobes.models.transformer.Transformer import TransformerDecoder
@@ -257,6 +263,18 @@ class AttentionDecoder(nn.Module):
         self.decoder = TransformerDecoder(
             num_layers, nhead, d_ffn, d_model, dropout=dropout, activation=activation, normalize_before=True
         )
+        if self_attention is not None:
+            from lobes.hypermixing import HyperMixing
+            from lobes.mixers import make_mixers
+
+            for layer, mixer in zip(self.decoder.layers, make_mixers(self_attention, num_layers)):
+                if isinstance(mixer, HyperMixing) and getattr(mixer, "chunk_size", None) != 1:
+                    raise ValueError(
+                        "the decoder's self-attention must be causal: use lobes.hypermixing.ChunkCausalHyperMixing "
+                        f"with chunk_size=1, got {type(mixer).__name__} "
+                        f"(chunk_size={getattr(mixer, 'chunk_size', None)})"
+                    )
+                layer.self_attn = mixer  # HyperMixing ignores the causal mask: its chunk_size=1 is causal itself
         # speechbrain's Linear (weights under ``.w``): its S2S searchers read ``seq_lin.w.out_features``
         self.seq_lin = Linear(input_size=d_model, n_neurons=vocab_size)
 
@@ -309,6 +327,14 @@ class ASRModel(nn.Module):
     frontend_dropout : float, optional
         Dropout inside the front-end (default: ``dropout``). Its activations are the largest tensors of the
         model, so dropout there costs a sizeable share of a CPU training step.
+    fbank_top_db : float, optional
+        The fbank clips every value to at least its utterance's maximum minus this many dB (speechbrain's
+        default, 80). None: no clipping, so every fbank frame depends on its own samples only, as streaming
+        needs (:mod:`lobes.streaming`).
+    feature_norm : nn.Module, optional
+        Frame-wise feature normalisation called as ``feature_norm(feats, lengths) -> (feats, lengths)``
+        (e.g. :class:`lobes.streaming.GlobalNormalization`, whose statistics do not depend on the utterance);
+        default: per-utterance mean and variance (which needs the whole utterance).
 
     The fbank and its normalisation always run in float32, also inside ``torch.autocast``.
 
@@ -342,11 +368,17 @@ class ASRModel(nn.Module):
         sample_rate: int = 16000,
         n_fft: int = 400,
         frontend_dropout: Optional[float] = None,
+        fbank_top_db: Optional[float] = 80.0,
+        feature_norm: Optional[nn.Module] = None,
     ):
         super().__init__()
         self.sample_rate = sample_rate
         self.hop_length = sample_rate // 100  # 10 ms
         self.compute_fbank = Fbank(sample_rate=sample_rate, n_fft=n_fft, n_mels=n_mels)
+        self.fbank_top_db = fbank_top_db
+        if fbank_top_db != 80.0:  # speechbrain's Filterbank clips at (utterance maximum - top_db); inf: never
+            self.compute_fbank.compute_fbanks.top_db = float("inf") if fbank_top_db is None else float(fbank_top_db)
+        self.feature_norm = feature_norm  # None registers nothing: the state dict keeps its keys
         self.frontend = ConvFrontEnd(
             n_mels, frontend_channels, dropout=dropout if frontend_dropout is None else frontend_dropout
         )
@@ -429,6 +461,9 @@ class ASRModel(nn.Module):
         >>> bool(feats[0].mean(0).abs().max() < 1e-4), feats[1, 20:].abs().sum().item(), lens.tolist()
         (True, 0.0, [50, 20])
         """
+        if self.feature_norm is not None:  # frame-wise statistics of their own (streaming models)
+            with torch.autocast(feats.device.type, enabled=False):
+                return self.feature_norm(feats.float(), lengths.clamp(max=feats.shape[1]))
         with torch.autocast(feats.device.type, enabled=False):
             feats = feats.float()
             lengths = lengths.clamp(max=feats.shape[1])
@@ -441,16 +476,34 @@ class ASRModel(nn.Module):
                 mean, var = (s.to(feats) for s in stats)  # (F,)
             return (feats - mean) / torch.sqrt(var + self.norm_eps) * keep, lengths
 
-    def encode(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, n_mels) features and (B,) frames -> (B, T/4, D) encoder output and (B,) valid frames."""
+    def encode(
+        self, feats: torch.Tensor, lengths: torch.Tensor, chunk: Optional[Any] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, n_mels) features and (B,) frames -> (B, T/4, D) encoder output and (B,) valid frames.
+
+        ``chunk`` (a :class:`lobes.chunking.ChunkConfig` or a chunk size in encoder frames) runs the encoder in
+        chunked mode (it must accept ``chunk=``, as :class:`lobes.conformer.ConformerEncoder` does); None: full
+        context."""
         x, lengths = self.frontend(feats, lengths)
         x = self.proj(x)  # (B, T', D)
         if self.pos_encoding is not None:
             x = x + self.pos_encoding(x)
         pad_mask = lengths_to_padding_mask(lengths, x.shape[1])
-        out = self.encoder(x, src_key_padding_mask=pad_mask)
+        if chunk is None:
+            out = self.encoder(x, src_key_padding_mask=pad_mask)
+        else:
+            out = self.encoder(x, src_key_padding_mask=pad_mask, chunk=chunk)
         out = out[0] if isinstance(out, tuple) else out
         return out, lengths
+
+    def stream(self, chunk: Any, tokenizer: Any = None, blank_index: int = 0, batch: int = 1) -> Any:
+        """A :class:`lobes.streaming.StreamingASR` over this model: feed audio pieces, get encoder frames and
+        CTC greedy partial hypotheses chunk by chunk (``chunk``: a :class:`lobes.chunking.ChunkConfig` or a chunk
+        size in encoder frames). The model must be built for streaming (``fbank_top_db=None``, a
+        ``feature_norm``, a chunk-capable encoder with causal convolutions)."""
+        from lobes.streaming import StreamingASR
+
+        return StreamingASR(self, chunk, tokenizer=tokenizer, blank_index=blank_index, batch=batch)
 
     def ctc_log_probs(self, enc: torch.Tensor) -> torch.Tensor:
         """(B, T', D) -> (B, T', V) CTC log-probabilities (float32, also under autocast)."""
@@ -474,6 +527,7 @@ class ASRModel(nn.Module):
         tokens_bos: Optional[torch.Tensor] = None,
         feature_augment: Optional[Callable] = None,
         sample_rate: Optional[int] = None,
+        chunk: Optional[Any] = None,
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Run the whole model.
 
@@ -490,6 +544,8 @@ class ASRModel(nn.Module):
             speechbrain ``Augmenter`` of ``SpectrogramDrop``); must keep their shape.
         sample_rate : int, optional
             Rate of ``wavs``; a ``ValueError`` when it is not :attr:`sample_rate`.
+        chunk : lobes.chunking.ChunkConfig or int, optional
+            Chunked encoder (see :meth:`encode`); None: full context.
 
         Returns
         -------
@@ -505,7 +561,7 @@ class ASRModel(nn.Module):
                     f"feature_augment must keep the shape {tuple(feats.shape)}, got {tuple(augmented.shape)}"
                 )
             feats = augmented
-        enc, lengths = self.encode(feats, lengths)
+        enc, lengths = self.encode(feats, lengths, chunk)
         seq = None
         if tokens_bos is not None:
             hidden, _ = self.decode(tokens_bos, enc, lengths)

@@ -79,7 +79,9 @@ class SquaredReLU(nn.Module):
         return squared_relu(x)
 
 
-def sinusoidal_table(length: int, input_size: int, device: Optional[torch.device] = None) -> torch.Tensor:
+def sinusoidal_table(
+    length: int, input_size: int, device: Optional[torch.device] = None, start: int = 0
+) -> torch.Tensor:
     """Sinusoidal position table of Vaswani et al., computed in float32 the same way as speechbrain's.
 
     Arguments
@@ -90,6 +92,8 @@ def sinusoidal_table(length: int, input_size: int, device: Optional[torch.device
         Embedding dimension (even).
     device : torch.device, optional
         Where to build the table.
+    start : int
+        First position (rows ``start .. start + length - 1``, the same values as those rows of a longer table).
 
     Returns
     -------
@@ -101,7 +105,7 @@ def sinusoidal_table(length: int, input_size: int, device: Optional[torch.device
     >>> sinusoidal_table(100, 16).shape
     torch.Size([100, 16])
     """
-    positions = torch.arange(0, length, device=device).unsqueeze(1).float()  # (length, 1)
+    positions = torch.arange(start, start + length, device=device).unsqueeze(1).float()  # (length, 1)
     denominator = torch.exp(
         torch.arange(0, input_size, 2, device=device).float() * -(math.log(10000.0) / input_size)
     )  # (input_size / 2,)
@@ -198,6 +202,25 @@ class PositionalEncoding(nn.Module):
             cached = sinusoidal_table(grown, self.input_size, device=device).unsqueeze(0)
             self._longer = cached
         return cached[:, :length]
+
+    def rows(self, start: int, x: torch.Tensor) -> torch.Tensor:
+        """(1, L, d) encoding of positions ``start .. start + L - 1`` for ``x`` (B, L, d), in ``x``'s dtype: what
+        :meth:`forward` gives those frames of a longer input, without building the rows before ``start``
+        (a stream adds it to each new piece).
+
+        Example
+        -------
+        >>> enc = PositionalEncoding(16, max_len=10)
+        >>> torch.equal(enc.rows(30, torch.zeros(1, 5, 16)), enc(torch.zeros(1, 35, 16))[:, 30:])
+        True
+        """
+        _check_seq("PositionalEncoding input", x, self.input_size)
+        length = x.size(1)
+        if start + length <= self.pe.size(1) and self.pe.device == x.device:
+            table = self.pe[:, start : start + length]
+        else:
+            table = sinusoidal_table(length, self.input_size, device=x.device, start=start).unsqueeze(0)
+        return table.to(x.dtype) if x.is_floating_point() else table
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """

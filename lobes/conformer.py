@@ -19,13 +19,15 @@ Submodule names follow speechbrain's ``ConformerEncoder`` (``layers.N.mha_layer`
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from speechbrain.nnet.normalization import LayerNorm
 from torch import nn
 
-from lobes.hypermixing import HyperMixing
+from lobes.chunking import ChunkConfig, chunk_attention_mask
+from lobes.hypermixing import ChunkCausalHyperMixing, HyperMixing, HyperMixingState
 from lobes.masks import zero_padding
 from lobes.mixers import EncoderStack, MixerSpec, PositionwiseFeedForward, TokenMixer, check_token_mixer, mix_tokens
 
@@ -33,8 +35,80 @@ __all__ = [
     "ConvolutionModule",
     "ConformerEncoderLayer",
     "ConformerEncoder",
+    "ConformerLayerState",
+    "ConformerStreamState",
     "hyperconformer_encoder",
 ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Chunked mode: the token mixer sees its own chunk and earlier ones
+# --------------------------------------------------------------------------------------------------
+def _as_chunk(chunk: Union[ChunkConfig, int, None]) -> Optional[ChunkConfig]:
+    """A :class:`ChunkConfig` from a config, a chunk size in frames, or None (full context)."""
+    return ChunkConfig(chunk) if isinstance(chunk, int) and not isinstance(chunk, bool) else chunk
+
+
+def _merge_attn_masks(chunk_mask: torch.Tensor, src_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The chunk mask (bool, True = blocked) combined with a caller's (T, T) bool or additive mask."""
+    if src_mask is None:
+        return chunk_mask
+    if src_mask.dtype == torch.bool:
+        return chunk_mask | src_mask
+    return src_mask.masked_fill(chunk_mask, float("-inf"))
+
+
+def _mix_chunked(
+    mixer: TokenMixer,
+    x: torch.Tensor,
+    src_mask: Optional[torch.Tensor],
+    pad_mask: Optional[torch.Tensor],
+    pos_embs: Optional[torch.Tensor],
+    chunk: ChunkConfig,
+    return_attn_weights: bool,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The token-mixing step of a layer in chunked mode: chunk-causal HyperMixing gets the chunk size, any
+    other mixer (attention) gets the chunk mask as ``attn_mask``."""
+    if isinstance(mixer, ChunkCausalHyperMixing):
+        if chunk.left_context_chunks is not None:
+            raise ValueError(
+                "ChunkCausalHyperMixing always sees the whole past (a running sum); use left_context_chunks=None"
+            )
+        x = zero_padding(x, pad_mask)
+        out, weights = mixer(x, x, x, key_padding_mask=pad_mask, chunk_size=chunk.chunk_size)
+        return out, (weights if return_attn_weights else None)
+    if isinstance(mixer, HyperMixing):
+        raise ValueError(
+            "HyperMixing mixes the whole sequence and has no chunked mode; build the encoder with "
+            "lobes.hypermixing.ChunkCausalHyperMixing (chunk_size: null keeps the full-context behaviour)"
+        )
+    mask = _merge_attn_masks(chunk_attention_mask(x.size(1), chunk, x.device), src_mask)
+    return mix_tokens(mixer, x, mask, pad_mask, pos_embs, return_attn_weights)
+
+
+class ConformerLayerState(NamedTuple):
+    """What a streaming Conformer layer carries from one chunk to the next.
+
+    Attributes
+    ----------
+    mixer : HyperMixingState or torch.Tensor or None
+        HyperMixing's running sums, or for an attention mixer the layer inputs (B, frames, D) of the left
+        context it may still see (None before the first chunk).
+    conv : torch.Tensor or None
+        (B, D, kernel_size - 1) inputs of the causal depthwise convolution (None before the first chunk).
+    """
+
+    mixer: Union[HyperMixingState, torch.Tensor, None]
+    conv: Optional[torch.Tensor]
+
+
+class ConformerStreamState(NamedTuple):
+    """State of a streaming :class:`ConformerEncoder`: one :class:`ConformerLayerState` per layer and the
+    number of frames seen. Its size is constant for HyperMixing (and for attention with a limited left
+    context)."""
+
+    layers: tuple
+    offset: int
 
 
 def _half_step_ffn(d_model: int, d_ffn: int, activation: Callable[[], nn.Module], dropout: float) -> nn.Sequential:
@@ -106,6 +180,22 @@ class ConvolutionModule(nn.Module):
         out = self.after_conv(out.transpose(1, 2))  # (B, T, D)
         return zero_padding(out, pad_mask)
 
+    def forward_chunk(self, x: torch.Tensor, cache: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal module only: the next (B, T, D) frames of a stream, given the previous call's cache.
+
+        Returns the (B, T, D) output, equal to :meth:`forward`'s on these frames of the whole stream, and the
+        new cache: the last ``kernel_size - 1`` inputs of the depthwise convolution, (B, D, kernel_size - 1).
+        """
+        if not self.causal:
+            raise ValueError("ConvolutionModule.forward_chunk: only a causal module (causal=True) can stream")
+        out = self.bottleneck(self.layer_norm(x).transpose(1, 2))  # (B, D, T)
+        if cache is None:  # the left zero padding of forward
+            cache = out.new_zeros(out.size(0), out.size(1), self.padding)
+        full = torch.cat([cache, out], dim=-1)  # (B, D, K - 1 + T)
+        out = F.conv1d(full, self.conv.weight, self.conv.bias, groups=self.conv.groups)  # (B, D, T)
+        out = self.after_conv(out.transpose(1, 2))  # (B, T, D)
+        return out, full[..., full.size(-1) - self.padding :]
+
 
 class ConformerEncoderLayer(nn.Module):
     """One Conformer layer with an injected token mixer.
@@ -167,6 +257,7 @@ class ConformerEncoderLayer(nn.Module):
         src_key_padding_mask: Optional[torch.Tensor] = None,
         pos_embs: Optional[torch.Tensor] = None,
         return_attn_weights: bool = False,
+        chunk: Optional[ChunkConfig] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Apply the layer.
 
@@ -182,6 +273,8 @@ class ConformerEncoderLayer(nn.Module):
             Relative positional embeddings for mixers that use them, e.g. (1, 2T-1, D).
         return_attn_weights : bool
             Ask the mixer for its weights.
+        chunk : ChunkConfig, optional
+            Chunked mode (needs a causal convolution module); None: full context.
 
         Returns
         -------
@@ -189,13 +282,51 @@ class ConformerEncoderLayer(nn.Module):
             (B, T, D) output and the mixer's weights (``None`` unless requested).
         """
         x = x + 0.5 * self.ffn_module1(x)
-        mixed, weights = mix_tokens(
-            self.mha_layer, self.norm1(x), src_mask, src_key_padding_mask, pos_embs, return_attn_weights
-        )
+        if chunk is None:
+            mixed, weights = mix_tokens(
+                self.mha_layer, self.norm1(x), src_mask, src_key_padding_mask, pos_embs, return_attn_weights
+            )
+        else:
+            if not self.convolution_module.causal:
+                raise ValueError("chunked mode needs causal convolution modules: build the encoder with causal=True")
+            mixed, weights = _mix_chunked(
+                self.mha_layer, self.norm1(x), src_mask, src_key_padding_mask, pos_embs, chunk, return_attn_weights
+            )
         x = x + mixed
         x = x + self.convolution_module(x, src_key_padding_mask)
         x = self.norm2(x + 0.5 * self.ffn_module2(x))
         return x, weights
+
+    def forward_chunk(
+        self,
+        x: torch.Tensor,
+        state: ConformerLayerState,
+        chunk: ChunkConfig,
+        pos_embs: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, ConformerLayerState]:
+        """The next chunk (B, T <= chunk_size, D) of a stream; equals :meth:`forward` in chunked mode there.
+
+        An attention mixer attends from the chunk's frames to [kept left context + chunk] without a mask
+        (exactly the keys the chunk mask leaves them), ``pos_embs`` being the relative positions of that
+        concatenation; HyperMixing continues its running sum.
+        """
+        T = x.size(1)
+        x = x + 0.5 * self.ffn_module1(x)
+        mixer = self.mha_layer
+        if isinstance(mixer, ChunkCausalHyperMixing):
+            mixed, mixer_state = mixer.forward_chunk(self.norm1(x), state.mixer, chunk_size=chunk.chunk_size)
+        else:
+            context = x if state.mixer is None else torch.cat([state.mixer, x], dim=1)  # (B, S, D)
+            y = self.norm1(context)
+            out = mixer(y, y, y, attn_mask=None, key_padding_mask=None, return_attn_weights=False, pos_embs=pos_embs)
+            mixed = (out[0] if isinstance(out, tuple) else out)[:, -T:]
+            keep = chunk.left_context_frames
+            mixer_state = context if keep is None else context[:, context.size(1) - min(keep, context.size(1)) :]
+        x = x + mixed
+        conv, conv_state = self.convolution_module.forward_chunk(x, state.conv)
+        x = x + conv
+        x = self.norm2(x + 0.5 * self.ffn_module2(x))
+        return x, ConformerLayerState(mixer_state, conv_state)
 
 
 class ConformerEncoder(EncoderStack):
@@ -256,6 +387,127 @@ class ConformerEncoder(EncoderStack):
             return ConformerEncoderLayer(d_model, d_ffn, m, kernel_size, activation, dropout, bias, causal)
 
         super().__init__(num_layers, d_model, mixer, make_layer, LayerNorm(d_model, eps=1e-6), pos_encoding)
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        src_mask: Optional[torch.Tensor] = None,
+        src_key_padding_mask: Optional[torch.Tensor] = None,
+        pos_embs: Optional[torch.Tensor] = None,
+        return_attn_weights: bool = False,
+        chunk: Union[ChunkConfig, int, None] = None,
+    ) -> tuple[torch.Tensor, list]:
+        """Encode a padded batch, with full context or in chunked mode.
+
+        Arguments
+        ---------
+        src : torch.Tensor
+            (B, T, D) input frames.
+        src_mask : torch.Tensor, optional
+            (T, T) attention mask given to every mixer (combined with the chunk mask in chunked mode).
+        src_key_padding_mask : torch.Tensor, optional
+            (B, T) bool, ``True`` on padded frames.
+        pos_embs : torch.Tensor, optional
+            Relative positional embeddings; computed with ``pos_encoding`` when omitted.
+        return_attn_weights : bool
+            Collect each mixer's weights.
+        chunk : ChunkConfig or int, optional
+            Chunked mode: every frame sees its own chunk and earlier ones (:mod:`lobes.chunking`); an int is a
+            chunk size in frames with unlimited left context. Needs causal convolutions and chunk-capable
+            mixers (``ChunkCausalHyperMixing``, attention). None (default): full context, :class:`EncoderStack`'s
+            forward unchanged.
+
+        Returns
+        -------
+        tuple[torch.Tensor, list]
+            (B, T, D) output and the list of mixer weights (empty unless requested).
+
+        Example
+        -------
+        >>> from functools import partial
+        >>> enc = ConformerEncoder(1, 16, 32, partial(ChunkCausalHyperMixing, 16, 32, chunk_size=None), 3, causal=True)
+        >>> x = torch.rand(1, 10, 16)
+        >>> full, _ = enc(x, chunk=4)
+        >>> first, state = enc.forward_chunk(x[:, :8], chunk=4)
+        >>> rest, state = enc.forward_chunk(x[:, 8:], state, chunk=4)
+        >>> torch.allclose(torch.cat([first, rest], 1), full, atol=1e-5), state.offset
+        (True, 10)
+        """
+        chunk = _as_chunk(chunk)
+        if chunk is None:
+            return super().forward(src, src_mask, src_key_padding_mask, pos_embs, return_attn_weights)
+        if src.dim() != 3 or src.shape[-1] != self.d_model:
+            raise ValueError(f"expected input of shape (B, T, {self.d_model}), got {tuple(src.shape)}")
+        if src_key_padding_mask is not None and src_key_padding_mask.shape != src.shape[:2]:
+            raise ValueError(
+                f"expected src_key_padding_mask of shape {tuple(src.shape[:2])}, "
+                f"got {tuple(src_key_padding_mask.shape)}"
+            )
+        if pos_embs is None and self.pos_encoding is not None:
+            pos_embs = self.pos_encoding(src)
+        out = zero_padding(src, src_key_padding_mask)
+        weights = []
+        for layer in self.layers:
+            out, w = layer(out, src_mask, src_key_padding_mask, pos_embs, return_attn_weights, chunk=chunk)
+            if return_attn_weights:
+                weights.append(w)
+        return self.norm(out), weights
+
+    def forward_chunk(
+        self,
+        src: torch.Tensor,
+        state: Optional[ConformerStreamState] = None,
+        chunk: Union[ChunkConfig, int] = 1,
+    ) -> tuple[torch.Tensor, ConformerStreamState]:
+        """Encode the next frames of a stream (no padding); the outputs of the pieces, concatenated, are
+        :meth:`forward`'s output with the same ``chunk``.
+
+        Every piece but the last must end on a chunk boundary; a piece may hold several chunks (they are
+        encoded one after the other).
+
+        Arguments
+        ---------
+        src : torch.Tensor
+            (B, T, D) the next frames.
+        state : ConformerStreamState, optional
+            What the previous call returned; None starts a stream.
+        chunk : ChunkConfig or int
+            The chunk configuration, the same for the whole stream.
+
+        Returns
+        -------
+        tuple[torch.Tensor, ConformerStreamState]
+            (B, T, D) output and the state to pass with the next piece.
+        """
+        chunk = _as_chunk(chunk)
+        if chunk is None:
+            raise ValueError("ConformerEncoder.forward_chunk: streaming needs a chunk configuration")
+        if src.dim() != 3 or src.shape[-1] != self.d_model:
+            raise ValueError(f"expected input of shape (B, T, {self.d_model}), got {tuple(src.shape)}")
+        if state is None:
+            if not all(layer.convolution_module.causal for layer in self.layers):
+                raise ValueError("streaming needs causal convolution modules: build the encoder with causal=True")
+            state = ConformerStreamState(tuple(ConformerLayerState(None, None) for _ in self.layers), 0)
+        elif state.offset % chunk.chunk_size and src.size(1):
+            raise ValueError(
+                f"ConformerEncoder.forward_chunk: the previous piece ended inside a chunk (frame {state.offset}, "
+                f"chunk_size {chunk.chunk_size}); only the last piece of a stream may hold a partial chunk"
+            )
+        C = chunk.chunk_size
+        outs, layers, offset = [], list(state.layers), state.offset
+        for piece in src.split(C, dim=1) if src.size(1) else ():
+            pos_embs = None
+            if self.pos_encoding is not None:  # relative positions over [left context + piece]
+                context = layers[0].mixer
+                seen = context.size(1) if isinstance(context, torch.Tensor) else 0
+                pos_embs = self.pos_encoding(piece[:, :1].expand(-1, seen + piece.size(1), -1))
+            out = piece
+            for i, layer in enumerate(self.layers):
+                out, layers[i] = layer.forward_chunk(out, layers[i], chunk, pos_embs)
+            outs.append(self.norm(out))
+            offset += piece.size(1)
+        out = torch.cat(outs, dim=1) if outs else self.norm(src)
+        return out, ConformerStreamState(tuple(layers), offset)
 
 
 def hyperconformer_encoder(

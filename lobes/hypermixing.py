@@ -22,6 +22,7 @@ is ever allocated: the returned "attention weights" are a stride-0 view of a sin
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -86,6 +87,9 @@ class _RecomputedBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, n_inputs: int, *args):  # args: inputs, then parameters
         ctx.fn, ctx.n_inputs, ctx.params = fn, n_inputs, args[n_inputs:]  # the module's own leaves
+        # the backward pass runs outside the caller's autocast region: recompute under the same one
+        device = args[0].device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.save_for_backward(*args[:n_inputs])
         with torch.no_grad():
             outputs = fn(*args[:n_inputs])
@@ -99,7 +103,8 @@ class _RecomputedBlock(torch.autograd.Function):
             a.detach().requires_grad_(need) if a is not None else None
             for a, need in zip(ctx.saved_tensors, ctx.needs_input_grad[2 : 2 + n])
         ]
-        with torch.enable_grad():
+        device, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
             outputs = ctx.fn(*inputs)
         candidates = inputs + list(ctx.params)
         wrt = [(i, a) for i, a in enumerate(candidates) if a is not None and ctx.needs_input_grad[2 + i]]
@@ -559,9 +564,17 @@ class ChunkCausalHyperMixing(HyperMixing):
         return f"chunk_size={self.chunk_size}, normalize={self.normalize}"
 
     # ---------------------------------------------------------------------------------------- helpers
-    def _block_length(self) -> int:
+    def _chunk_for_call(self, chunk_size: Optional[int], owner: str) -> Optional[int]:
+        """The chunk size of one call: ``chunk_size`` when given (checked), else the mixer's own."""
+        if chunk_size is None:
+            return self.chunk_size
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"ChunkCausalHyperMixing.{owner}: chunk_size must be an integer >= 1, got {chunk_size!r}")
+        return chunk_size
+
+    def _block_length(self, chunk_size: int) -> int:
         """Frames per block: a whole number of chunks."""
-        C = self.chunk_size
+        C = chunk_size
         return C * max(1, min(self._block_chunks, -(-self._block_frames // C)))
 
     def _keep(
@@ -594,7 +607,13 @@ class ChunkCausalHyperMixing(HyperMixing):
         return HyperMixingState(x.new_zeros(B, H, dh, k + 1, dtype=acc), x.new_zeros(B, dtype=acc), 0)
 
     def _mix_piece(
-        self, x: torch.Tensor, keep: Optional[torch.Tensor], pe: torch.Tensor, sums: torch.Tensor, count: torch.Tensor
+        self,
+        x: torch.Tensor,
+        keep: Optional[torch.Tensor],
+        pe: torch.Tensor,
+        sums: torch.Tensor,
+        count: torch.Tensor,
+        chunk_size: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mix one block of frames that starts on a chunk boundary, given the state before it.
 
@@ -602,7 +621,7 @@ class ChunkCausalHyperMixing(HyperMixing):
         output (B, T, d) after the layer norm, sums and count after the block.
         """
         B, T, d = x.shape
-        H, C = self.num_heads, self.chunk_size
+        H, C = self.num_heads, chunk_size
         dh = d // H
         w1_gen, w2_gen = self.hyper.w1_gen, self.hyper.w2_gen
         acc = _accumulation_dtype(x.dtype)
@@ -654,15 +673,23 @@ class ChunkCausalHyperMixing(HyperMixing):
         return self.layer_norm(out), new_sums, new_count
 
     def _run(
-        self, x: torch.Tensor, keep: Optional[torch.Tensor], offset: int, state: HyperMixingState
+        self,
+        x: torch.Tensor,
+        keep: Optional[torch.Tensor],
+        offset: int,
+        state: HyperMixingState,
+        chunk_size: Optional[int] = None,
     ) -> tuple[torch.Tensor, HyperMixingState]:
-        """Mix ``x`` (B, T, d) block by block from ``state``; checkpoint the blocks when training."""
+        """Mix ``x`` (B, T, d) block by block from ``state`` with chunks of ``chunk_size`` frames (default: the
+        mixer's own); checkpoint the blocks when training."""
         B, T, _ = x.shape
+        C = self.chunk_size if chunk_size is None else chunk_size
+        mix = functools.partial(self._mix_piece, chunk_size=C)
         sums, count = state.sums, state.count
         pe = self._positions(offset, T, x)
         params = [p for p in self.parameters() if p.requires_grad]
         grad = torch.is_grad_enabled() and (x.requires_grad or bool(params) or state.sums.requires_grad)
-        block = self._block_length()
+        block = self._block_length(C)
         # split, not slice: the gradients of split pieces are joined once (a slice's is scattered into a
         # zero tensor of the full length, for every block)
         xs, pes = (x.split(block, 1), pe.split(block, 0)) if T else ((), ())
@@ -671,9 +698,9 @@ class ChunkCausalHyperMixing(HyperMixing):
         for x_block, keep_block, pe_block in zip(xs, keeps, pes):
             piece = (x_block, keep_block, pe_block, sums, count)
             if grad:  # keep only the block's inputs; recompute its (chunks, d, hs) hidden layers when needed
-                out, sums, count = _RecomputedBlock.apply(self._mix_piece, len(piece), *piece, *params)
+                out, sums, count = _RecomputedBlock.apply(mix, len(piece), *piece, *params)
             else:
-                out, sums, count = self._mix_piece(*piece)
+                out, sums, count = mix(*piece)
             outs.append(out)
         out = torch.cat(outs, 1) if len(outs) > 1 else (outs[0] if outs else self.layer_norm(x * 0))
         return out, HyperMixingState(sums, count, offset + T)
@@ -688,6 +715,7 @@ class ChunkCausalHyperMixing(HyperMixing):
         key_padding_mask: Optional[torch.Tensor] = None,
         return_attn_weights: Optional[bool] = True,
         pos_embs: Optional[torch.Tensor] = None,
+        chunk_size: Optional[int] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mix the frames of ``query`` chunk-causally (``key``, ``value``, ``attn_mask``, ``pos_embs`` and
         ``return_attn_weights`` are accepted for :class:`lobes.mixers.TokenMixer` and ignored, as in
@@ -708,6 +736,9 @@ class ChunkCausalHyperMixing(HyperMixing):
             Ignored (the zero weights are always returned, at no cost).
         pos_embs : torch.Tensor, optional
             Ignored.
+        chunk_size : int, optional
+            Frames per chunk for this call (default: the mixer's ``chunk_size``); a chunked encoder trained
+            with several chunk sizes passes its own. When both are None the mixer has full context.
 
         Returns
         -------
@@ -716,7 +747,8 @@ class ChunkCausalHyperMixing(HyperMixing):
         weights : torch.Tensor
             (B, L, L) zeros as a read-only stride-0 view of a single element, as :class:`HyperMixing`.
         """
-        if self.chunk_size is None:
+        C = self._chunk_for_call(chunk_size, "forward")
+        if C is None:
             return super().forward(
                 query,
                 key,
@@ -733,7 +765,7 @@ class ChunkCausalHyperMixing(HyperMixing):
             )
         B, L, _ = query.shape
         keep = self._keep(key_padding_mask, B, L, query.dtype, "forward")
-        out, _ = self._run(query, keep, 0, self._zero_state(B, query))
+        out, _ = self._run(query, keep, 0, self._zero_state(B, query), C)
         return out, out.new_zeros(()).expand(B, L, L)
 
     def forward_chunk(
@@ -741,6 +773,7 @@ class ChunkCausalHyperMixing(HyperMixing):
         x: torch.Tensor,
         state: Optional[HyperMixingState] = None,
         key_padding_mask: Optional[torch.Tensor] = None,
+        chunk_size: Optional[int] = None,
     ) -> tuple[torch.Tensor, HyperMixingState]:
         """Mix the next piece of a stream; the pieces' outputs, concatenated, are :meth:`forward`'s output.
 
@@ -755,6 +788,8 @@ class ChunkCausalHyperMixing(HyperMixing):
             What the previous call returned; None starts a stream.
         key_padding_mask : torch.Tensor, optional
             (B, T), True on padded frames (as in :meth:`forward`).
+        chunk_size : int, optional
+            Frames per chunk (default: the mixer's ``chunk_size``); the same for every piece of a stream.
 
         Returns
         -------
@@ -763,12 +798,13 @@ class ChunkCausalHyperMixing(HyperMixing):
         state : HyperMixingState
             The state after these frames, to pass with the next piece.
         """
-        if self.chunk_size is None:
+        C = self._chunk_for_call(chunk_size, "forward_chunk")
+        if C is None:
             raise ValueError(
                 "ChunkCausalHyperMixing.forward_chunk: a full-context mixer (chunk_size=None) cannot "
-                "stream; build it with chunk_size >= 1"
+                "stream; build it with chunk_size >= 1 or pass chunk_size"
             )
-        d, C = self.input_output_dim, self.chunk_size
+        d = self.input_output_dim
         if x.dim() != 3 or x.size(-1) != d:
             raise ValueError(
                 f"ChunkCausalHyperMixing.forward_chunk: expected x of shape (batch, time, {d}), got {tuple(x.shape)}"
@@ -790,4 +826,4 @@ class ChunkCausalHyperMixing(HyperMixing):
                     f"{state.offset}, chunk_size {C}); only the last piece of a stream may hold a partial chunk"
                 )
         keep = self._keep(key_padding_mask, B, T, x.dtype, "forward_chunk")
-        return self._run(x, keep, state.offset, state)
+        return self._run(x, keep, state.offset, state, C)

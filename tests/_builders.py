@@ -132,6 +132,14 @@ TINY_BEATS_CFG = {
 }
 
 
+def asr_recipe() -> ModuleType:
+    """recipes/ASR/train.py as a module (its ``main``, ``write_test_wers``, ...)."""
+    spec = importlib.util.spec_from_file_location("asr_train", ASR_TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def classification_recipe() -> ModuleType:
     """recipes/AudioClassification/train.py as a module (its ``main``, ``param_groups``, ``check_hparams``)."""
     spec = importlib.util.spec_from_file_location("audio_classification_train", CLASSIFICATION / "train.py")

@@ -11,7 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
-from _builders import ASR_TRAIN, ROOT, TINY_ASR_PRESET, asr_recipe_args, letter_tone_corpus, recipe_env, run_asr_recipe
+from _builders import (
+    ASR_TRAIN,
+    ROOT,
+    TINY_ASR_PRESET,
+    asr_recipe,
+    asr_recipe_args,
+    letter_tone_corpus,
+    recipe_env,
+    run_asr_recipe,
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +53,7 @@ def test_tiny_training_then_resume_with_a_higher_epoch_limit(corpus, tmp_path):
     assert history["2"]["valid_loss"] < history["1"]["valid_loss"]
     assert (out / "curves.png").stat().st_size > 0
     wer, others = _test_wer(out)
-    assert sorted(others) == ["greedy", "lexicon-corrected"]
+    assert {"greedy", "lexicon-corrected", "out-of-lexicon words %"} <= set(others)
     assert all(0.0 <= v <= 200.0 for v in [wer, *others.values()])
     for name in ("wer.txt", "wer_greedy.txt", "wer_lexicon.txt"):
         assert "test_0" in (out / name).read_text()
@@ -203,3 +212,28 @@ def test_main_job_on_the_embedded_corpus(tmp_path):
         f"{(time.time() - start) / 60:.1f} min"
     )
     assert wer <= 15.0
+
+
+def test_test_wer_summary_has_the_new_words_slice_and_out_of_lexicon_figures(tmp_path):
+    """test_wer.txt of a run with both test slices: per-slice WERs and the out-of-lexicon figures."""
+    from speechbrain.utils.metric_stats import ErrorRateStats
+
+    train = asr_recipe()
+    test, greedy, new, new_greedy = (ErrorRateStats() for _ in range(4))
+    test.append(["t0", "t1"], [["A", "DOG"], ["THE", "CAT"]], [["A", "DOG"], ["THE", "BAT"]])
+    greedy.append(["t0", "t1"], [["A", "DAG"], ["THE", "CAT"]], [["A", "DOG"], ["THE", "BAT"]])
+    new.append(["n0"], [["A", "TIGER", "RAN"]], [["A", "TIGER", "RAN"]])
+    new_greedy.append(["n0"], [["A", "TIGR", "RUN"]], [["A", "TIGER", "RAN"]])
+    sets = {"test": (test, {"greedy": greedy}), "test_new_words": (new, {"greedy": new_greedy})}
+    train.write_test_wers(str(tmp_path / "wer.txt"), str(tmp_path), sets, {"A", "DOG", "THE", "CAT", "RAN"})
+    lines = (tmp_path / "test_wer.txt").read_text().splitlines()
+    assert lines == [
+        "25.00",  # 1 of the 4 test words (BAT) is wrong
+        "greedy: 50.00",
+        "new words: 0.00",
+        "new words greedy: 66.67",
+        "out-of-lexicon words %: 28.57",  # BAT and TIGER of the 7 reference words
+        "utterances with an out-of-lexicon word: 20.00",  # t1 (1 error) and n0 (none) over 5 words
+    ]
+    for name in ("wer.txt", "wer_greedy.txt", "wer_new_words.txt", "wer_new_words_greedy.txt"):
+        assert (tmp_path / name).stat().st_size > 0

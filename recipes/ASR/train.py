@@ -47,6 +47,7 @@ from lobes.recipe import (
     world_size,
     write_pretrained,
 )
+from lobes.recipe.streaming import chunk_kwargs, evaluate_chunk_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,9 @@ class ASR(sb.Brain):
             if self.hparams.wav_augment is not None:
                 wavs, wav_lens = self.hparams.wav_augment(wavs, wav_lens)
             feature_augment = self.hparams.fea_augment
-        return self.modules.model(wavs, wav_lens, tokens_bos, feature_augment=feature_augment)
+        # streaming models: the chunk configuration of this batch (lobes.recipe.streaming; {} for the others)
+        chunking = chunk_kwargs(self, stage)
+        return self.modules.model(wavs, wav_lens, tokens_bos, feature_augment=feature_augment, **chunking)
 
     def compute_objectives(self, predictions, batch, stage):
         ctc_lp, enc_lens, seq_lp = predictions
@@ -139,25 +142,71 @@ class ASR(sb.Brain):
                 epoch, train_loss=self.train_stats["loss"], valid_loss=stage_loss, valid_wer=stats["WER"]
             )
         else:
-            self.hparams.train_logger.log_stats({"Epoch loaded": self.hparams.epoch_counter.current}, test_stats=stats)
+            test_set = getattr(self, "test_set", "test")
+            self.hparams.train_logger.log_stats(
+                {"Epoch loaded": self.hparams.epoch_counter.current, "test set": test_set}, test_stats=stats
+            )
+            # the slices tested into this output folder so far (a later evaluate elsewhere starts afresh)
+            tested = getattr(self, "tested", {})
+            tested = (
+                tested if tested.get("folder") == self.hparams.output_folder else {"folder": self.hparams.output_folder}
+            )
+            tested[test_set] = (self.wer_metric, extras)
+            self.tested = tested
             if sb.utils.distributed.if_main_process():
-                write_test_wers(self.hparams.wer_file, self.hparams.output_folder, self.wer_metric, extras)
+                sets = {k: v for k, v in tested.items() if k != "folder"}
+                write_test_wers(
+                    self.hparams.wer_file, self.hparams.output_folder, sets, getattr(self, "lexicon_words", None)
+                )
 
 
 TEST_WER_NAMES = {"greedy": "greedy", "lexicon": "lexicon-corrected"}
+TEST_SET_NAMES = {"test": "", "test_new_words": "new words"}  # prefix of a slice's lines in test_wer.txt
 
 
-def write_test_wers(wer_file, output_folder, metric, extras):
-    """Per-utterance details to ``wer_file`` (and ``<stem>_<name><ext>`` for the extra decodings); the test
-    WER to ``test_wer.txt``: first line the YAML's decoding, then ``greedy: X`` / ``lexicon-corrected: X``."""
-    with atomic_open(wer_file, "w") as f:
-        metric.write_stats(f)
-    summary = f"{metric.summarize('error_rate'):.2f}\n"
+def out_of_lexicon_figures(metrics, lexicon_words):
+    """(share of reference words not in ``lexicon_words`` in %, WER of the utterances holding one or None)
+    over the per-utterance scores of speechbrain ``ErrorRateStats`` objects."""
+    words = missing = edits = ref_words = 0
+    for metric in metrics:
+        for score in metric.scores:
+            absent = sum(w not in lexicon_words for w in score["ref_tokens"])
+            words += len(score["ref_tokens"])
+            missing += absent
+            if absent:
+                edits += score["num_edits"]
+                ref_words += score["num_ref_tokens"]
+    return 100.0 * missing / max(words, 1), (100.0 * edits / ref_words if ref_words else None)
+
+
+def write_test_wers(wer_file, output_folder, sets, lexicon_words=None):
+    """Per-utterance details and the summary ``test_wer.txt`` of the tested slices ``sets``
+    (``{slice: (metric, {name: extra_metric})}``, ``test`` and optionally ``test_new_words``).
+
+    ``wer_file`` (``wer_new_words.txt`` for the new-words slice) and ``<stem>_<name><ext>`` for the extra
+    decodings hold the alignments. ``test_wer.txt``: first line the test WER of the YAML's decoding, then
+    ``greedy: X`` (``lexicon-corrected: X``), the same for the new-words slice (``new words: X``,
+    ``new words greedy: X``) and, given the decoder's lexicon, ``out-of-lexicon words %: X`` (share of the
+    test words of all slices that the lexicon lacks) and ``utterances with an out-of-lexicon word: X``."""
+    summary = ""
     stem, ext = os.path.splitext(wer_file)
-    for name, extra in extras.items():
-        with atomic_open(f"{stem}_{name}{ext}", "w") as f:
-            extra.write_stats(f)
-        summary += f"{TEST_WER_NAMES[name]}: {extra.summarize('error_rate'):.2f}\n"
+    for test_set, (metric, extras) in sets.items():
+        prefix = TEST_SET_NAMES[test_set]
+        suffix = f"_{test_set.removeprefix('test_')}" if prefix else ""
+        with atomic_open(f"{stem}{suffix}{ext}", "w") as f:
+            metric.write_stats(f)
+        wer = f"{metric.summarize('error_rate'):.2f}"
+        summary += f"{prefix}: {wer}\n" if prefix else f"{wer}\n"
+        for name, extra in extras.items():
+            with atomic_open(f"{stem}{suffix}_{name}{ext}", "w") as f:
+                extra.write_stats(f)
+            label = f"{prefix} {TEST_WER_NAMES[name]}" if prefix else TEST_WER_NAMES[name]
+            summary += f"{label}: {extra.summarize('error_rate'):.2f}\n"
+    if lexicon_words:
+        share, wer = out_of_lexicon_figures([metric for metric, _ in sets.values()], lexicon_words)
+        summary += f"out-of-lexicon words %: {share:.2f}\n"
+        if wer is not None:
+            summary += f"utterances with an out-of-lexicon word: {wer:.2f}\n"
     atomic_write_text(os.path.join(output_folder, "test_wer.txt"), summary)
 
 
@@ -182,7 +231,9 @@ def dataio_prepare(hparams, manifests, tokenizer):
     from lobes.data.manifest import check_manifest
 
     datasets = {}
-    for split in ("train", "valid", "test"):
+    for split in ("train", "valid", "test", "test_new_words"):
+        if split not in manifests:  # test_new_words: only the embedded corpus has it
+            continue
         check_manifest(manifests[split], ["ID", "duration", "wav", "wrd"])
         ds = sb.dataio.dataset.DynamicItemDataset.from_csv(manifests[split])
         if split == "train":
@@ -234,11 +285,12 @@ def build_test_decoding(hparams, asr, tokenizer, train_csv):
     """The YAML's test-time decoders, given the tokenizer and the training transcripts: ``test_decoder``
     (lexicon + word LM), the optional ``lexicon_correction`` and, with ``test_decoder: null`` and
     ``test_beam_size`` > 1, speechbrain's CTC beam search."""
-    asr.lexicon, asr.test_decoder, asr.ctc_beam = None, hparams["test_decoder"], None
-    if hparams["lexicon_correction"] or asr.test_decoder is not None:
-        from lobes.data.manifest import load_manifest
+    from lobes.data.manifest import load_manifest
 
-        transcripts = [row["wrd"] for row in load_manifest(train_csv, ("wrd",))]
+    asr.lexicon, asr.test_decoder, asr.ctc_beam = None, hparams["test_decoder"], None
+    transcripts = [row["wrd"] for row in load_manifest(train_csv, ("wrd",))]
+    asr.lexicon_words = {word for line in transcripts for word in line.split()}  # for the out-of-lexicon figures
+    if hparams["lexicon_correction"] or asr.test_decoder is not None:
         if hparams["lexicon_correction"]:
             from lobes.asr import LexiconCorrector
 
@@ -319,7 +371,13 @@ def main(argv):
         train_loader_kwargs=train_loader_kwargs,
         valid_loader_kwargs=hparams["valid_dataloader_opts"],
     )
-    asr.evaluate(datasets["test"], min_key="WER", test_loader_kwargs=hparams["test_dataloader_opts"])
+    for test_set in ("test", "test_new_words"):  # test_new_words: sentences holding words training never had
+        if test_set in datasets:
+            asr.test_set = test_set
+            asr.evaluate(datasets[test_set], min_key="WER", test_loader_kwargs=hparams["test_dataloader_opts"])
+    asr.test_set = "test"
+    # streaming models: the test again per chunk size of test_chunk_ms (lobes.recipe.streaming; no-op otherwise)
+    evaluate_chunk_sizes(asr, datasets["test"], hparams, hparams["test_dataloader_opts"])
 
     # --- Inference folder ---------------------------------------------------------------------------------
     # <output_folder>/pretrained/: hyperparams.yaml + loadables for speechbrain's EncoderASR (greedy CTC), a
