@@ -13,6 +13,8 @@ input with the labels as JSON text; without ``--output`` the JSON lines go to st
 skips the inputs already in the output (``--overwrite`` starts over). Exit codes: 0 every input was
 classified, 1 some inputs failed (listed with the reason in the log and ``FILE.errors.csv``; the others are
 written), 2 usage or set-up error (bad options, no inputs, unusable model folder) before any work.
+With ``--backend onnx``, ``MODEL_DIR`` is an ``.onnx`` file from ``python -m lobes.export_onnx`` and the
+command runs with onnxruntime, without torch.
 
 Example
 -------
@@ -88,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_task(args: argparse.Namespace) -> ClassifyTask:
+    if getattr(args, "backend", "torch") == "onnx":  # onnxruntime and numpy only
+        from lobes.onnx.tasks import OnnxClassifyTask
+
+        return OnnxClassifyTask(args)
     from lobes.inference.classify import AudioClassifier
 
     if args.top_k < 1:

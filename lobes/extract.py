@@ -20,8 +20,17 @@ Outputs under ``--output``:
   it stops with exit code 2 before any work, unless ``--overwrite`` is given, which deletes the earlier
   outputs (every ``.npy`` / ``.tags.json`` below ``--output`` and the CSVs above) and starts over.
 
+With ``--tokens``, ``--checkpoint`` is a tokenizer checkpoint (Microsoft's BEATs tokenizer layout, or the
+random-projection tokenizer of ``recipes/BEATsPretrain``; see :func:`lobes.beats.load_tokenizer`) and each
+``<key>.npy`` holds the file's token ids, int16 of shape ``(T,)`` (time-major, valid tokens only), with the same
+batching, resume, settings and error rules.
+
 Every file is written under a temporary name and moved into place (:mod:`lobes.io`), so an interrupted
 run (even ``kill -9``) leaves only complete files; permissions follow the umask.
+
+With ``--backend onnx``, ``--checkpoint`` is an ``.onnx`` file written by ``python -m lobes.export_onnx``
+from a BEATs checkpoint (its layer and tag names were chosen at export) and the run uses onnxruntime and
+numpy only: torch is not imported.
 
 Example
 -------
@@ -48,22 +57,10 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
-import torch
 
-from lobes.beats import (
-    BEATs,
-    label_names,
-    layer_index,
-    load_beats,
-    min_num_samples,
-    parse_layer,
-    read_audioset_names,
-    token_padding_mask,
-    top_k_labels,
-)
 from lobes.inputs import (
     AUDIO_EXTENSIONS,
     EXIT_FAILED_FILES,
@@ -79,7 +76,22 @@ from lobes.inputs import (
     resolve_device,
     write_csv,
 )
-from lobes.io import atomic_open, atomic_write_text, load_audio
+from lobes.io import atomic_open, atomic_write_text, load_audio, read_audio
+
+if TYPE_CHECKING:  # imported on first use by _import_torch_side: --backend onnx runs without torch
+    import torch
+
+    from lobes.beats import (
+        BEATs,
+        label_names,
+        layer_index,
+        load_beats,
+        min_num_samples,
+        parse_layer,
+        read_audioset_names,
+        token_padding_mask,
+        top_k_labels,
+    )
 
 __all__ = ["RANDOM_SEED", "SAMPLE_RATE", "SETTINGS_FILE", "main", "merge_parts", "run"]
 
@@ -92,6 +104,36 @@ SETTINGS_FILE = "settings.json"
 RANDOM_SEED = 0
 """Seed of the randomly initialised model used without ``--checkpoint`` (the same model on every run)."""
 _OUTPUT_STEMS = ("manifest", "errors", "tags")
+_TORCH_NAMES = (
+    "BEATs",
+    "label_names",
+    "layer_index",
+    "load_beats",
+    "min_num_samples",
+    "parse_layer",
+    "read_audioset_names",
+    "token_padding_mask",
+    "top_k_labels",
+)
+
+
+def _import_torch_side() -> None:
+    """Import torch and the BEATs helpers into this module on first use (``--backend onnx`` never does);
+    names already set (by a test's monkeypatch, say) are kept."""
+    import torch
+
+    import lobes.beats
+
+    globals().setdefault("torch", torch)
+    for name in _TORCH_NAMES:
+        globals().setdefault(name, getattr(lobes.beats, name))
+
+
+def __getattr__(name: str) -> Any:
+    if name == "torch" or name in _TORCH_NAMES:
+        _import_torch_side()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,10 +147,10 @@ class _Plan:
     shard: tuple[int, int]
     files: list[AudioInput]
     errors: list[tuple[str, str]]
-    model: BEATs
+    model: BEATs | Any  # lobes.onnx.runtime.OnnxModel with --backend onnx
     layer: int | None
     labels: list[str] | None
-    device: torch.device
+    device: torch.device | None
 
 
 def _check_output(output: Path) -> None:
@@ -171,31 +213,94 @@ def _remove_outputs(output: Path) -> int:
     return removed
 
 
-def _prepare(args: argparse.Namespace) -> _Plan:
-    """Check the arguments, list the inputs, load the model and reconcile with earlier outputs.
+def _prepare_onnx(args: argparse.Namespace) -> _Plan:
+    """:func:`_prepare` for ``--backend onnx``: an exported BEATs file, no torch."""
+    from lobes.onnx.runtime import OnnxModel
+    from lobes.onnx.tasks import check_onnx_args
 
-    Raises ``ValueError`` (``UsageError``, ``BEATsCheckpointError``, ...) or ``OSError`` for anything that
-    stops the run before work: the caller turns them into exit code 2.
-    """
     output = Path(args.output)
     _check_output(output)
-    device = resolve_device(args.device, option="--device")
+    check_onnx_args(args)
     shard = parse_shard(args.shard)
-    parse_layer(args.layer)
+    _check_common(args)
+    if args.checkpoint is None or args.config is not None:
+        raise UsageError("--backend onnx needs --checkpoint MODEL.onnx (python -m lobes.export_onnx) and no --config")
+    if args.label_names:
+        raise UsageError(
+            "--label-names: with --backend onnx the tag names are chosen at export "
+            "(python -m lobes.export_onnx CHECKPOINT OUT.onnx --label-names CSV)"
+        )
+    model = OnnxModel(args.checkpoint, threads=args.threads)
+    if model.kind != "beats":
+        raise UsageError(
+            f"--checkpoint {args.checkpoint}: holds a {model.kind!r} model; extraction needs a BEATs export"
+        )
+    exported = str(model.meta.get("layer", "last"))
+    if args.layer not in ("last", exported):
+        raise UsageError(
+            f"--layer {args.layer}: {args.checkpoint} was exported with layer {exported}; export again with "
+            f"--layer {args.layer} (python -m lobes.export_onnx) or pass --layer {exported}"
+        )
+    if args.tags and "probs" not in model.outputs:
+        raise UsageError(f"--tags needs a fine-tuned BEATs export with tag probabilities; {args.checkpoint} has none")
+    files, errors = _collect(args, shard)
+    output.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "backend": "onnx",
+        "checkpoint_sha256": fingerprint(args.checkpoint),
+        "cfg": model.meta.get("cfg"),
+        "layer": exported,
+        "pooling": args.pooling,
+        "precision": model.meta.get("precision", "fp32"),
+        "tags": args.tags,
+    }
+
+    def clear() -> None:
+        removed = _remove_outputs(output)
+        if removed:
+            logger.warning("--overwrite: removed %d files of earlier outputs from %s", removed, output)
+
+    check_run_settings(output / SETTINGS_FILE, settings, overwrite=args.overwrite, clear=clear)
+    labels = model.labels if args.tags else None
+    return _Plan(output, shard, files, errors, model, None, labels, None)
+
+
+def _check_common(args: argparse.Namespace) -> None:
     if args.tags < 0:
         raise UsageError(f"--tags {args.tags}: expected K >= 0")
     if args.batch_seconds <= 0:
         raise UsageError(f"--batch-seconds {args.batch_seconds}: expected a positive number of seconds")
     if args.num_workers < 0:
         raise UsageError(f"--num-workers {args.num_workers}: expected 0 or more")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: expected a positive number")
+    for option, path in (("--checkpoint", args.checkpoint), ("--config", args.config)):
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"{option} {path}: no such file")
+
+
+def _prepare(args: argparse.Namespace) -> _Plan:
+    """Check the arguments, list the inputs, load the model and reconcile with earlier outputs.
+
+    Raises ``ValueError`` (``UsageError``, ``BEATsCheckpointError``, ...) or ``OSError`` for anything that
+    stops the run before work: the caller turns them into exit code 2.
+    """
+    if getattr(args, "tokens", False):
+        return _prepare_tokens(args)
+    if args.backend == "onnx":
+        return _prepare_onnx(args)
+    _import_torch_side()
+    output = Path(args.output)
+    _check_output(output)
+    device = resolve_device(args.device, option="--device")
+    shard = parse_shard(args.shard)
+    parse_layer(args.layer)
     if args.checkpoint is not None and args.config is not None:
         raise UsageError(
             f"--config {args.config} describes a randomly initialised model and --checkpoint "
             f"{args.checkpoint} carries its own cfg: give one or the other"
         )
-    for option, path in (("--checkpoint", args.checkpoint), ("--config", args.config)):
-        if path is not None and not os.path.isfile(path):
-            raise UsageError(f"{option} {path}: no such file")
+    _check_common(args)
     if args.label_names and not args.tags:
         logger.warning("--label-names %s has no effect without --tags K", args.label_names)
     display_names = read_audioset_names(args.label_names) if args.tags and args.label_names else None
@@ -237,11 +342,67 @@ def _prepare(args: argparse.Namespace) -> _Plan:
     return _Plan(output, shard, files, errors, model, layer, labels, device)
 
 
+def _prepare_tokens(args: argparse.Namespace) -> _Plan:
+    """:func:`_prepare` for ``--tokens``: a tokenizer checkpoint, one int16 id per valid token."""
+    if args.backend != "torch":
+        raise UsageError("--tokens runs with --backend torch (tokenizers are not exported to ONNX)")
+    if args.checkpoint is None or args.config is not None:
+        raise UsageError(
+            "--tokens needs --checkpoint TOKENIZER.pt (a BEATs tokenizer in Microsoft's format, e.g. "
+            "Tokenizer_iter3_plus_AS2M.pt, or a tokenizer written by recipes/BEATsPretrain) and no --config"
+        )
+    if args.tags or args.pooling != "none" or args.layer != "last":
+        raise UsageError("--tokens writes one id per token: --tags, --pooling mean and --layer do not apply to it")
+    _import_torch_side()
+    from lobes.beats import load_tokenizer
+
+    output = Path(args.output)
+    _check_output(output)
+    device = resolve_device(args.device, option="--device")
+    shard = parse_shard(args.shard)
+    _check_common(args)
+    files, errors = _collect(args, shard)
+    tokenizer = load_tokenizer(args.checkpoint, device)
+    cfg = tokenizer.cfg if isinstance(tokenizer.cfg, dict) else tokenizer.cfg.to_dict()
+    if int(cfg["quant_n"]) > np.iinfo(np.int16).max + 1:
+        raise UsageError(f"--tokens: {args.checkpoint} has {cfg['quant_n']} codes; int16 ids hold at most 32768")
+    output.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "tokens": True,
+        "checkpoint_sha256": fingerprint(args.checkpoint),
+        "cfg": json.loads(json.dumps(cfg, sort_keys=True, default=str)),
+        "precision": args.precision,
+    }
+
+    def clear() -> None:
+        removed = _remove_outputs(output)
+        if removed:
+            logger.warning("--overwrite: removed %d files of earlier outputs from %s", removed, output)
+
+    check_run_settings(output / SETTINGS_FILE, settings, overwrite=args.overwrite, clear=clear)
+    return _Plan(output, shard, files, errors, tokenizer, None, None, device)
+
+
 # --------------------------------------------------------------------------------------------------
 # work
 # --------------------------------------------------------------------------------------------------
-class _AudioDataset(torch.utils.data.Dataset):
-    """Loads one input: ``(index, waveform or None, error or None)``."""
+def _read_checked(path: str, read, need: int):
+    """``(waveform or None, error or None)`` of one input: unreadable, too short and non-finite audio fail."""
+    try:
+        wav = read(path, SAMPLE_RATE)
+    except Exception as exc:  # AudioError, or whatever a decoder raises: report the file, keep going
+        return None, f"unreadable: {exc}".replace("\n", " ")
+    if len(wav) < need:
+        return None, (
+            f"too short: {len(wav) / SAMPLE_RATE:.3f} s at 16 kHz, BEATs needs at least {need / SAMPLE_RATE:.3f} s"
+        )
+    if not np.isfinite(np.asarray(wav)).all():
+        return None, "invalid: the audio holds NaN or infinite samples"
+    return wav, None
+
+
+class _AudioDataset:
+    """Loads one input: ``(index, waveform or None, error or None)`` (a map-style dataset for torch's loader)."""
 
     def __init__(self, files: list[AudioInput]):
         self.files = files
@@ -250,24 +411,7 @@ class _AudioDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        path = self.files[i].path
-        try:
-            wav = load_audio(path, SAMPLE_RATE)
-        except Exception as exc:  # AudioError, or whatever a decoder raises: report the file, keep going
-            return i, None, f"unreadable: {exc}".replace("\n", " ")
-        need = min_num_samples()
-        if wav.numel() < need:
-            return (
-                i,
-                None,
-                (
-                    f"too short: {wav.numel() / SAMPLE_RATE:.3f} s at 16 kHz, "
-                    f"BEATs needs at least {need / SAMPLE_RATE:.3f} s"
-                ),
-            )
-        if not torch.isfinite(wav).all():
-            return i, None, "invalid: the audio holds NaN or infinite samples"
-        return i, wav, None
+        return (i, *_read_checked(self.files[i].path, load_audio, min_num_samples()))
 
 
 def _collate(items):
@@ -279,6 +423,10 @@ def _worker_init(_):
 
 
 def _iter_batches(dataset, batches, num_workers) -> Iterator[list]:
+    if isinstance(dataset, _OnnxAudio):  # no torch: read in this process
+        for batch in batches:
+            yield [dataset[i] for i in batch]
+        return
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batches,
@@ -314,9 +462,57 @@ def _save_outputs(output: Path, f: AudioInput, feats: np.ndarray, tags: list | N
         np.save(fh, feats)
 
 
-@torch.no_grad()
+class _OnnxAudio(_AudioDataset):
+    """:class:`_AudioDataset` reading numpy arrays (``--backend onnx``)."""
+
+    def __init__(self, files: list[AudioInput], need: int):
+        super().__init__(files)
+        self.need = need
+
+    def __getitem__(self, i: int):
+        return (i, *_read_checked(self.files[i].path, read_audio, self.need))
+
+
+def _encode_batch_onnx(plan: _Plan, good: list, args: argparse.Namespace) -> None:
+    """:func:`_encode_batch` with the exported model (the graph pads and masks; rows are cut to their tokens)."""
+    from lobes.onnx.tasks import top_k
+
+    out = plan.model.run([w for _, w in good])
+    feats = out["features"]  # (B, N, C), or (B, L + 1, N, C)
+    tags = top_k(out["probs"], plan.labels, args.tags) if args.tags else [None] * len(good)
+    for row, (i, _) in enumerate(good):
+        x = feats[row][..., : int(out["token_lengths"][row]), :]
+        if args.pooling == "mean":
+            x = x.mean(axis=-2)
+        _save_outputs(plan.output, plan.files[i], x.astype(np.float32), tags[row])
+
+
 def _encode_batch(plan: _Plan, good: list, args: argparse.Namespace) -> None:
     """Pad one batch, run BEATs with the true lengths, and save each file's valid tokens."""
+    if plan.device is None:
+        return _encode_batch_onnx(plan, good, args)
+    with torch.no_grad():
+        _encode_batch_torch(plan, good, args)
+
+
+def _tokenize_batch(plan: _Plan, good: list, args: argparse.Namespace) -> None:
+    """Pad one batch, tokenize it with the true lengths, and save each file's valid ids as int16 ``(T,)``."""
+    lengths = torch.tensor([w.numel() for _, w in good])
+    wavs = torch.zeros(len(good), int(lengths.max()))  # (B, T) zero-padded
+    for row, (_, w) in enumerate(good):
+        wavs[row, : w.numel()] = w
+    rel_lens = (lengths.double() / lengths.max()).float()
+    device = plan.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        tokens = plan.model.tokenize(wavs.to(device), rel_lens.to(device))
+    ids, valid = tokens.ids.cpu(), tokens.mask.cpu()  # (B, N)
+    for row, (i, _) in enumerate(good):
+        _save_outputs(plan.output, plan.files[i], ids[row][valid[row]].numpy().astype(np.int16), None)
+
+
+def _encode_batch_torch(plan: _Plan, good: list, args: argparse.Namespace) -> None:
+    if getattr(args, "tokens", False):
+        return _tokenize_batch(plan, good, args)
     model = plan.model
     lengths = torch.tensor([w.numel() for _, w in good])
     wavs = torch.zeros(len(good), int(lengths.max()))  # (B, T) zero-padded
@@ -345,7 +541,7 @@ def _execute(plan: _Plan, args: argparse.Namespace) -> int:
     batches = [[todo[j] for j in b] for b in length_batches([files[i].duration for i in todo], args.batch_seconds)]
     from tqdm import tqdm
 
-    if args.precision == "bf16":
+    if args.precision == "bf16" and plan.device is not None and not getattr(args, "tokens", False):
         # weights cast once: faster than autocast, which re-casts them at every call; the fbank stays float32
         model.to(torch.bfloat16)
     start = time.perf_counter()
@@ -358,7 +554,8 @@ def _execute(plan: _Plan, args: argparse.Namespace) -> int:
         dynamic_ncols=True,
         desc="extract",
     ) as bar:
-        for items in _iter_batches(_AudioDataset(files), batches, args.num_workers):
+        dataset = _AudioDataset(files) if plan.device is not None else _OnnxAudio(files, model.min_samples)
+        for items in _iter_batches(dataset, batches, args.num_workers):
             good = [(i, w) for i, w, err in items if err is None]
             errors.extend((files[i].path, err) for i, _, err in items if err is not None)
             if good:
@@ -374,7 +571,7 @@ def _execute(plan: _Plan, args: argparse.Namespace) -> int:
             elapsed,
             seconds / elapsed,
             args.precision,
-            plan.device,
+            plan.device or "onnxruntime",
         )
 
     failed = {p for p, _ in errors}
@@ -535,6 +732,19 @@ def _build_parser() -> argparse.ArgumentParser:
         "--merge", action="store_true", help="only join the per-shard manifest/errors/tags parts in --output, then exit"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "onnx"),
+        help="torch, or onnx: --checkpoint is an .onnx file (python -m lobes.export_onnx) run by onnxruntime",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="with --backend onnx: onnxruntime threads")
+    parser.add_argument(
+        "--tokens",
+        action="store_true",
+        help="write token ids instead of features: --checkpoint is a tokenizer (BEATs tokenizer in Microsoft's "
+        "format or a recipes/BEATsPretrain tokenizer); one int16 .npy of shape (T,) per file",
+    )
     return parser
 
 

@@ -9,6 +9,10 @@ and window are cached per (options, device, dtype). Rows may have their own leng
 end are reported by :func:`lobes.masks.num_frames` and filled with ``padding_value``, and every frame inside
 a row equals the frame torchaudio computes for that row alone (Kaldi frames only look at their own
 samples). Lengths follow the conventions of :mod:`lobes.masks`.
+
+:class:`DFTKaldiFbank` computes the same features with operations every graph exporter and runtime knows
+(frames gathered by index, the real DFT as one matrix product, no preallocated buffers, no shape-dependent
+blocking): it is what an ONNX graph of a model with the fbank inside holds.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from lobes.masks import lengths_to_mask, num_frames, to_sample_lengths
 
 __all__ = [
     "KALDI_WINDOW_TYPES",
+    "DFTKaldiFbank",
     "kaldi_fbank",
 ]
 
@@ -380,3 +385,102 @@ round_to_power_of_two, subtract_mean : see ``torchaudio.compliance.kaldi.fbank``
         elif subtract_mean:
             feats = feats - feats.mean(dim=1, keepdim=True)
     return feats
+
+
+# --------------------------------------------------------------------------------------------------
+# exportable fbank
+# --------------------------------------------------------------------------------------------------
+class DFTKaldiFbank(torch.nn.Module):
+    """:func:`kaldi_fbank` in graph-exportable form: ``(B, T)`` -> ``(B, frames, num_mel_bins)``.
+
+    Frames are gathered with an index table (no strided view), the spectrum is a real DFT written as one
+    matrix product with a ``(window, 2 * padded / 2)`` cosine / sine table (the zero padding of the FFT adds
+    nothing to it; the Nyquist bin, which carries no mel weight, is left out), and every shape follows the
+    input, so an exported graph keeps dynamic batch and time axes. The DFT runs in ``dft_dtype`` (float64
+    by default): its result is then exact to float32 rounding, and the difference to :func:`kaldi_fbank`
+    is the rounding of the float32 FFT there (at most a few 1e-4 in the log energy of the lowest bins of
+    loud pre-emphasised frames, where the FFT's error is large next to the bin's energy).
+
+    Only the options BEATs and Kaldi recipes use are taken (``snip_edges=True``, no dither, no energy,
+    power spectrum); every frame is computed, including those past a row's length (mask them downstream).
+
+    Arguments
+    ---------
+    num_mel_bins, sample_frequency, frame_length, frame_shift, window_type, blackman_coeff, \
+preemphasis_coefficient, remove_dc_offset, low_freq, high_freq, use_log_fbank, round_to_power_of_two
+        As in :func:`kaldi_fbank`.
+    dft_dtype : torch.dtype
+        Precision of the DFT product (``torch.float64`` or ``torch.float32``).
+
+    Example
+    -------
+    >>> wav = torch.randn(2, 16000) * 2**15 * 0.1
+    >>> fbank = DFTKaldiFbank(num_mel_bins=128)
+    >>> feats = fbank(wav)
+    >>> feats.shape, bool((feats - kaldi_fbank(wav, num_mel_bins=128)).abs().max() < 1e-2)
+    (torch.Size([2, 98, 128]), True)
+    """
+
+    def __init__(
+        self,
+        num_mel_bins: int = 23,
+        sample_frequency: float = 16000.0,
+        frame_length: float = 25.0,
+        frame_shift: float = 10.0,
+        window_type: str = "povey",
+        blackman_coeff: float = 0.42,
+        preemphasis_coefficient: float = 0.97,
+        remove_dc_offset: bool = True,
+        low_freq: float = 20.0,
+        high_freq: float = 0.0,
+        use_log_fbank: bool = True,
+        round_to_power_of_two: bool = True,
+        dft_dtype: torch.dtype = torch.float64,
+    ) -> None:
+        super().__init__()
+        if window_type not in KALDI_WINDOW_TYPES:
+            raise ValueError(f"unknown window_type {window_type!r}; expected one of {KALDI_WINDOW_TYPES}")
+        if dft_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dft_dtype must be torch.float32 or torch.float64, got {dft_dtype}")
+        self.window_shift = int(sample_frequency * frame_shift * 0.001)
+        self.window_size = int(sample_frequency * frame_length * 0.001)
+        if self.window_size < 2 or self.window_shift < 1:
+            raise ValueError(
+                f"frame_length / frame_shift give {self.window_size} / {self.window_shift} samples; "
+                "expected >= 2 / >= 1"
+            )
+        padded = 1 << (self.window_size - 1).bit_length() if round_to_power_of_two else self.window_size
+        if padded % 2:
+            raise ValueError(f"the padded window ({padded} samples) must be even")
+        self.preemph, self.remove_dc_offset, self.use_log = preemphasis_coefficient, remove_dc_offset, use_log_fbank
+        self.dft_dtype = dft_dtype
+        bins = padded // 2
+        n = torch.arange(self.window_size, dtype=torch.float64).unsqueeze(1)  # (W, 1)
+        k = torch.arange(bins, dtype=torch.float64).unsqueeze(0)  # (1, bins)
+        angle = (2 * math.pi / padded) * torch.remainder(n * k, padded)  # reduced first: exact angles
+        dft = torch.cat([torch.cos(angle), -torch.sin(angle)], dim=1)  # (W, 2 * bins): real | imaginary
+        self.register_buffer("window", _window_cpu(window_type, self.window_size, blackman_coeff, torch.float32))
+        self.register_buffer("dft", dft.to(dft_dtype))
+        mel_key = (num_mel_bins, padded, float(sample_frequency), float(low_freq), float(high_freq))
+        self.register_buffer("mel", _mel_matrix_cpu(*mel_key)[:bins].float().contiguous())  # (bins, num_mel_bins)
+
+    def forward(self, waveforms: Tensor) -> Tensor:
+        """``(B, T)`` float32 -> ``(B, frames, num_mel_bins)`` float32 (``frames`` as :func:`kaldi_fbank`)."""
+        x = waveforms.float()
+        count = (x.shape[1] - self.window_size) // self.window_shift + 1  # shape arithmetic: stays symbolic
+        starts = torch.arange(count, device=x.device).unsqueeze(1) * self.window_shift  # (M, 1)
+        index = starts + torch.arange(self.window_size, device=x.device)  # (M, W)
+        frames = x[:, index]  # (B, M, W)
+        if self.remove_dc_offset:
+            frames = frames - frames.mean(dim=-1, keepdim=True)
+        if self.preemph != 0.0:
+            previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)  # z[-1] := z[0], as Kaldi
+            frames = frames - self.preemph * previous
+        frames = frames * self.window
+        spec = torch.matmul(frames.to(self.dft_dtype), self.dft)  # (B, M, 2 * bins)
+        re, im = spec.chunk(2, dim=-1)
+        power = (re * re + im * im).float()  # (B, M, bins)
+        feats = torch.matmul(power, self.mel)  # (B, M, num_mel_bins)
+        if self.use_log:
+            feats = feats.clamp_min(_EPSILON).log()
+        return feats

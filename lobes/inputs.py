@@ -25,11 +25,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from lobes.io import AudioError, atomic_write_text, audio_duration
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "AUDIO_EXTENSIONS",
@@ -291,6 +292,8 @@ def resolve_device(device: str | torch.device | None = "auto", option: str = "de
     ...
     lobes.inputs.UsageError: --device 'gpu0': not a torch device; expected auto, cpu, cuda or cuda:N
     """
+    import torch  # here, so that the commands' torch-free paths (--backend onnx) can import this module
+
     if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = f"{option} {device}"

@@ -3,6 +3,8 @@
     python -m lobes.transcribe pretrained/asr talk.wav recordings/ --output transcripts.jsonl
     python -m lobes.transcribe pretrained/asr talk.flac --output talk.srt --decoder beam
     lobes-transcribe pretrained/asr manifest.csv --output transcripts.csv --device cuda --precision bf16
+    python -m lobes.transcribe asr.onnx talk.wav --output transcripts.jsonl --backend onnx
+    python -m lobes.transcribe pretrained/asr_streaming talk.wav --streaming --chunk-ms 320
 
 ``INPUTS`` are audio files (any format soundfile reads, any rate, any channel count), folders (searched
 recursively) or CSV files with a ``wav`` column. Each good input gives one JSON object
@@ -11,6 +13,8 @@ without ``--output``), one row in a ``.csv`` output, or the subtitles of an ``.s
 Recordings longer than ``--window-seconds`` are transcribed in overlapping windows (bounded memory).
 Inputs already in the output are skipped; exit codes 0 (all done), 1 (some inputs failed: listed, the others
 written), 2 (usage or set-up error, nothing done). See :mod:`lobes.inference.cli` for the shared options.
+``--streaming`` (with ``--chunk-ms``, ``-`` for raw PCM on standard input) prints partial results as the audio
+arrives, for models trained for streaming (:mod:`lobes.inference.asr_streaming`).
 
 Example
 -------
@@ -97,9 +101,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load_task(args: argparse.Namespace):
+    if getattr(args, "backend", "torch") == "onnx":  # onnxruntime and numpy only
+        from lobes.onnx.tasks import OnnxTranscribeTask
+
+        return OnnxTranscribeTask(args)
+    return _TranscribeTask(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
-    return run_command(_parser(), _TranscribeTask, argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--streaming" in argv:  # live partial results, chunk by chunk (lobes.inference.asr_streaming)
+        from lobes.inference.asr_streaming import main as streaming_main
+
+        return streaming_main(argv)
+    return run_command(_parser(), _load_task, argv)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,15 @@ from lobes.beats.pooling import (
     valid_token_counts,
 )
 from lobes.beats.quantizer import NormEMAVectorQuantizer, QuantizerOutput, cosine_kmeans
-from lobes.beats.tokenizer import PAD_TOKEN_ID, BEATsTokenizer, TokenizerOutput, TokenizersConfig, Tokens
+from lobes.beats.tokenizer import (
+    PAD_TOKEN_ID,
+    BEATsTokenizer,
+    RandomProjectionTokenizer,
+    TokenizerOutput,
+    TokenizersConfig,
+    Tokens,
+    load_tokenizer,
+)
 
 __all__ = [
     "FBANK_MEAN",
@@ -44,6 +52,7 @@ __all__ = [
     "BEATsTokenizer",
     "NormEMAVectorQuantizer",
     "QuantizerOutput",
+    "RandomProjectionTokenizer",
     "TokenizerOutput",
     "Tokens",
     "TokenizersConfig",
@@ -55,6 +64,7 @@ __all__ = [
     "layer_index",
     "load_beats",
     "load_checkpoint",
+    "load_tokenizer",
     "masked_mean",
     "min_num_samples",
     "parse_layer",

@@ -149,15 +149,19 @@ def _activation(name: str):
     return acts[name]
 
 
-def _relative_buckets(length: int, num_buckets: int, max_distance: int) -> Tensor:
+def _relative_buckets(length: int, num_buckets: int, max_distance: int, device: torch.device | None = None) -> Tensor:
     """Bucket of ``key - query`` for every pair, ``(length, length)`` int64 (T5-style, bidirectional)."""
-    rel = torch.arange(length)[None, :] - torch.arange(length)[:, None]  # (T, T) key - query
+    pos = torch.arange(length, device=device)
+    rel = pos[None, :] - pos[:, None]  # (T, T) key - query
     half = num_buckets // 2
     buckets = (rel > 0).long() * half
     rel = rel.abs()
     exact = half // 2
-    # same float32 op order as the reference so bucket boundaries agree exactly
-    large = exact + (torch.log(rel.float() / exact) / math.log(max_distance / exact) * (half - exact)).long()
+    # same float32 op order as the reference so bucket boundaries agree exactly; the floor of 1 only touches
+    # the distances below ``exact`` (whose bucket is the distance itself), keeping log(0) out of exported graphs
+    large = (
+        exact + (torch.log(rel.clamp_min(1).float() / exact) / math.log(max_distance / exact) * (half - exact)).long()
+    )
     large = torch.clamp(large, max=half - 1)
     return buckets + torch.where(rel < exact, rel, large)
 
@@ -309,10 +313,18 @@ class _Encoder(nn.Module):
         self.grad_decay = cfg.layer_wise_gradient_decay_ratio
         self._buckets: dict[tuple[int, str], Tensor] = {}
 
-    def position_bias(self, length: int, device: torch.device) -> Tensor | None:
-        """Relative-position bias ``(H, T, T)`` (None without relative positions)."""
+    def position_bias(self, length: int, device: torch.device, cached: bool = True) -> Tensor | None:
+        """Relative-position bias ``(H, T, T)`` (None without relative positions).
+
+        The bucket table is kept per length; ``cached=False`` computes it afresh, as a graph traced for
+        export must (a cached table would pin the traced length).
+        """
         if not self.relative:
             return None
+        if not cached:
+            buckets = _relative_buckets(length, self.num_buckets, self.max_distance, device)
+            emb = self.layers[0].self_attn.relative_attention_bias.weight
+            return emb[buckets].permute(2, 0, 1)  # (H, T, T)
         key = (length, str(device))
         buckets = self._buckets.get(key)
         if buckets is None:
@@ -324,9 +336,18 @@ class _Encoder(nn.Module):
         return emb[buckets].permute(2, 0, 1).contiguous()  # (H, T, T)
 
     def forward(
-        self, x: Tensor, padding_mask: Tensor | None, num_layers: int | None = None, all_hiddens: bool = False
+        self,
+        x: Tensor,
+        padding_mask: Tensor | None,
+        num_layers: int | None = None,
+        all_hiddens: bool = False,
+        traceable: bool = False,
     ) -> tuple[Tensor, list[Tensor]]:
-        """``x`` (B, T, C), ``padding_mask`` (B, T) -> last hidden (B, T, C) and the list of hiddens."""
+        """``x`` (B, T, C), ``padding_mask`` (B, T) -> last hidden (B, T, C) and the list of hiddens.
+
+        ``traceable=True`` (graph export) makes no decision on the data: the key mask is always built from
+        ``padding_mask`` and the relative-position buckets are computed for the traced length.
+        """
         if padding_mask is not None:
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         x = x + self.pos_conv(x.transpose(1, 2)).transpose(1, 2)  # (B, T, C)
@@ -334,10 +355,10 @@ class _Encoder(nn.Module):
             x = self.layer_norm(x)
         x = F.dropout(x, self.dropout, self.training)
         key_mask = None
-        if padding_mask is not None and bool(padding_mask.any()):
+        if padding_mask is not None and (traceable or bool(padding_mask.any())):
             key_mask = torch.zeros(padding_mask.shape, dtype=torch.float32, device=x.device)
             key_mask = key_mask.masked_fill(padding_mask, float("-inf"))[:, None, None, :]  # (B, 1, 1, T)
-        pos_bias = self.position_bias(x.shape[1], x.device)
+        pos_bias = self.position_bias(x.shape[1], x.device, cached=not traceable)
         hiddens = [x] if all_hiddens else []
         layers = self.layers if num_layers is None else self.layers[:num_layers]
         for layer in layers:
@@ -543,14 +564,46 @@ class BEATs(nn.Module):
         if layer is not None and not 0 <= layer <= n_layers:
             raise ValueError(f"layer must be in [0, {n_layers}], got {layer}")
         pad = token_padding_mask(wav, wav_lens, self.cfg.input_patch_size)  # (B, T)
-        x = self.layer_norm(self.embed_patches(self.preprocess(wav, fbank_mean, fbank_std)))  # (B, T, E)
+        fbank = self.preprocess(wav, fbank_mean, fbank_std)  # (B, frames, 128)
+        return self.encode_fbank(fbank, pad, pad if bool(pad.any()) else None, layer=layer)
+
+    def encode_fbank(
+        self,
+        fbank: Tensor,
+        pad: Tensor,
+        key_padding: Tensor | None,
+        *,
+        layer: int | None = None,
+        traceable: bool = False,
+    ) -> tuple:
+        """The part of :meth:`extract_features` after the filterbank, without input checks.
+
+        Arguments
+        ---------
+        fbank : torch.Tensor
+            ``(B, frames, 128)`` normalised filterbank (:meth:`preprocess`).
+        pad : torch.Tensor
+            ``(B, T)`` token padding mask (``True`` = padded), used for the tag probabilities.
+        key_padding : torch.Tensor, optional
+            The mask the encoder applies (``None`` when no token is padded).
+        layer : int, optional
+            As in :meth:`extract_features` (checked there).
+        traceable : bool
+            No decision on the data (graph export; see ``_Encoder.forward``).
+
+        Returns
+        -------
+        tuple
+            As :meth:`extract_features`.
+        """
+        x = self.layer_norm(self.embed_patches(fbank))  # (B, T, E)
         if self.post_extract_proj is not None:
             x = self.post_extract_proj(x)
         x = self.dropout_input(x)
         finetuned = self.predictor is not None
         stop = None if (layer is None or finetuned) else layer
         all_hiddens = self.output_all_hiddens or (layer is not None and finetuned)
-        x, hiddens = self.encoder(x, pad if bool(pad.any()) else None, num_layers=stop, all_hiddens=all_hiddens)
+        x, hiddens = self.encoder(x, key_padding, num_layers=stop, all_hiddens=all_hiddens, traceable=traceable)
         if layer is not None:
             feats = hiddens[layer] if finetuned else x
         elif self.output_all_hiddens:

@@ -18,7 +18,9 @@ into a :class:`Task`; :func:`run_command` does the rest, the same way for every 
   an unusable model folder, a settings mismatch) exit with code 2 before any work; 0 means every input
   was done;
 * ``--device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``), ``--precision`` (``fp32``, ``bf16``), a progress
-  bar on standard error (tqdm; ``--quiet`` hides it).
+  bar on standard error (tqdm; ``--quiet`` hides it);
+* ``--backend onnx``: ``MODEL`` is an ``.onnx`` file written by ``python -m lobes.export_onnx`` and the
+  command runs it with onnxruntime on the CPU (``--threads``), importing neither torch nor speechbrain.
 
 Example
 -------
@@ -349,7 +351,12 @@ def build_parser(
         epilog="Exit codes: 0 all inputs done, 1 some inputs failed (listed; the others "
         "are written), 2 usage or set-up error (nothing done).",
     )
-    parser.add_argument("model", metavar="MODEL_DIR", help="pretrained folder (python -m lobes.package)")
+    parser.add_argument(
+        "model",
+        metavar="MODEL_DIR",
+        help="pretrained folder (python -m lobes.package); with --backend onnx an .onnx file "
+        "(python -m lobes.export_onnx)",
+    )
     parser.add_argument(
         "inputs",
         metavar="INPUTS",
@@ -376,6 +383,15 @@ def build_parser(
     )
     parser.add_argument("--data-root", default=None, help="replaces $data_root in CSV paths")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "onnx"),
+        help="torch (default): a pretrained folder; onnx: an exported .onnx file run by onnxruntime (no torch)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="with --backend onnx: onnxruntime threads (default: one per core)"
+    )
     parser.set_defaults(formats=tuple(formats))
     return parser
 
@@ -423,7 +439,10 @@ def run(args: argparse.Namespace, load_task: Callable[[argparse.Namespace], Task
     """
     if not args.batch_seconds > 0:
         raise UsageError(f"--batch-seconds must be positive, got {args.batch_seconds}")
-    resolve_device(args.device, option="--device")
+    if getattr(args, "backend", "torch") == "torch":  # the onnx backend checks its own options (no torch import)
+        resolve_device(args.device, option="--device")
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: expected a positive number")
     files, errors = collect_inputs(args.inputs, data_root=args.data_root)
     if not files and not errors:
         raise UsageError(f"no audio files found in {' '.join(args.inputs)}")

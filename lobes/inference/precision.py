@@ -11,8 +11,10 @@ Example
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["PRECISIONS", "autocast", "resolve_precision"]
 
@@ -32,6 +34,8 @@ def resolve_precision(precision: str) -> torch.dtype:
     ...
     ValueError: precision 'fp16': expected one of fp32, bf16
     """
+    import torch  # on use: the command runner imports this module on torch-free paths too
+
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     if precision not in dtypes:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
@@ -43,10 +47,13 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
     Example
     -------
+    >>> import torch
     >>> with autocast(torch.device("cpu"), "bf16"):
     ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
     torch.bfloat16
     """
+    import torch
+
     dtype = resolve_precision(precision)
     if dtype == torch.float32:
         return contextlib.nullcontext()

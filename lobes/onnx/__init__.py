@@ -1,0 +1,13 @@
+"""ONNX deployment: export the project's models with their front-end inside, run them with onnxruntime.
+
+* :mod:`lobes.onnx.graphs` (torch): the modules graphs are traced from (BEATs with the Kaldi fbank inside,
+  a classification folder's model, the CTC ASR model), free of length ceilings and data-dependent checks;
+* :mod:`lobes.onnx.export` (torch): ``export_beats`` / ``export_pretrained``, the ONNX file with its metadata
+  (what the model is, its labels or tokenizer), an int8 variant, a parity check against torch;
+* :mod:`lobes.onnx.runtime` (numpy + onnxruntime, no torch): loading an exported file and running it;
+* :mod:`lobes.onnx.tasks` (no torch): what ``--backend onnx`` of the transcribe / classify / extract
+  commands runs.
+
+``python -m lobes.export_onnx MODEL OUT.onnx`` is the command. Importing this package imports neither torch
+nor onnxruntime.
+"""
