@@ -1,22 +1,34 @@
-"""CTC decoding with a closed lexicon and a word n-gram language model.
+"""CTC prefix beam search over lexicon words and, optionally, freely spelled new words.
 
-:class:`WordNgramLM` is an interpolated Kneser-Ney n-gram model over words, estimated from training
-transcripts (Chen & Goodman 1998, fixed discount). :class:`CTCLexiconDecoder` is a CTC prefix beam search
-whose hypotheses can only spell words of the lexicon (a trie over the tokenizer's spellings of the words);
-each hypothesis is scored by the acoustic log-probability plus ``lm_weight`` times the language model
-log-probability of its words plus ``word_bonus`` per word. While a word is being spelled, the language
-model contributes the best log-probability of any word it can still become (look-ahead), so partial words
-compete fairly with hypotheses that just completed one.
+:class:`CTCLexiconDecoder` is a CTC prefix beam search whose words are lexicon words (a trie over the
+tokenizer's spellings of the words), scored by the acoustic log-probability plus ``lm_weight`` times a word
+n-gram language model (:class:`lobes.lm.NgramLM`: Kneser-Ney from the training transcripts, or an ARPA file)
+plus ``word_bonus`` per word. While a word is being spelled, the language model contributes the best
+log-probability of any word it can still become (look-ahead), so partial words compete fairly with
+hypotheses that just completed one.
+
+With a spelling model (``spelling_lm``: an n-gram model over the tokens of a word, e.g. letters), the
+vocabulary is open: a word that is not in the lexicon may be spelled token by token. It is scored as the
+word LM's ``<unk>`` plus ``spelling_weight`` times the spelling model's log-probability of its tokens (and
+of the word's end) plus ``unk_score``; while it is spelled, that score so far is its look-ahead. A word of
+the lexicon always takes its lexicon score. When every hypothesis left after the last frame ends inside a word
+that cannot end there, the best one without that unfinished word is returned (rather than no words).
+
+``benchmarks/ctc_decoders.py`` compares this search with torchaudio's flashlight-text decoder (with a lexicon
+and an ARPA word LM, and lexicon-free with a token n-gram LM) on the same CTC outputs.
 
 Example
 -------
+>>> from lobes.lm import WordNgramLM
 >>> lm = WordNgramLM(["THE DOG SAW THE CAT", "THE CAT SAW THE DOG"], order=2)
->>> round(float(np.exp(lm.log_probs(("THE",))[lm.index["CAT"]])), 3)
-0.359
+>>> dec = CTCLexiconDecoder({"THE": [1, 2], "CAT": [1, 3]}, [1], lm=lm)
+>>> sorted(dec.trie.words)
+['CAT', 'THE']
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import defaultdict
 from typing import Iterable, Sequence
@@ -24,112 +36,39 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["WordNgramLM", "CTCLexiconDecoder"]
+from lobes.lm import NgramLM, WordNgramLM, read_arpa
+
+__all__ = ["WordNgramLM", "CTCLexiconDecoder", "spelling_lm"]
 
 _CACHE_FLOATS = 1 << 24  # per-context distributions kept (float64 values, ~128 MB) before a cache is reset
+_CACHE_ENTRIES = 1 << 20  # look-ahead values kept per (context, trie node) before that cache is reset
+_NEG = -math.inf
 
 
-class WordNgramLM:
-    """Interpolated Kneser-Ney word n-gram model estimated from sentences.
+def _logaddexp(a: float, b: float) -> float:
+    """log(exp(a) + exp(b)) of two Python floats (5x faster than ``np.logaddexp`` on scalars)."""
+    if a < b:
+        a, b = b, a
+    if b == _NEG:
+        return a
+    return a + math.log1p(math.exp(b - a))
 
-    The highest order uses raw counts, lower orders continuation counts (how many different words
-    precede an n-gram); every order is interpolated with the next lower one using the discount mass.
-    The unigram level is interpolated with a uniform distribution over the vocabulary and ``</s>``, so
-    no word of the vocabulary has zero probability.
 
-    Arguments
-    ---------
-    sentences : Iterable[str]
-        Training text, one sentence per item, words separated by spaces.
-    order : int
-        n of the n-gram (2: bigram, 3: trigram, ...).
-    discount : float
-        Absolute discount D in (0, 1).
+WORD_MARKER = "\u2581"  # SentencePiece's word-start mark
+
+
+def spelling_lm(spellings: Iterable[Sequence[str]], order: int = 4, pieces: Iterable[str] = ()) -> WordNgramLM:
+    """Kneser-Ney n-gram model over the pieces of words (one "sentence" per word), for unknown words.
+
+    ``pieces``: more pieces that may spell a word although no spelling holds them (e.g. every letter).
 
     Example
     -------
-    >>> lm = WordNgramLM(["A B", "A C", "A B"], order=2)
-    >>> lm.words
-    ['A', 'B', 'C']
-    >>> p = np.exp(lm.log_probs(("A",)))  # over words + </s>
-    >>> round(float(p.sum()), 6), bool(p[lm.index["B"]] > p[lm.index["C"]])
-    (1.0, True)
+    >>> lm = spelling_lm([["\u2581", "C", "A", "T"], ["\u2581", "C", "A", "R"]], order=3)
+    >>> float(np.exp(lm.log_probs(("\u2581", "C"))[lm.index["A"]])) > 0.5
+    True
     """
-
-    def __init__(self, sentences: Iterable[str], order: int = 3, discount: float = 0.75):
-        if order < 1:
-            raise ValueError(f"order must be >= 1; got {order}")
-        if not 0.0 < discount < 1.0:
-            raise ValueError(f"discount must be in (0, 1); got {discount}")
-        sentences = [s.split() for s in sentences]
-        self.words = sorted({w for s in sentences for w in s})
-        if not self.words:
-            raise ValueError("WordNgramLM needs at least one non-empty sentence")
-        self.index = {w: i for i, w in enumerate(self.words)}
-        self.eos = len(self.words)  # </s> is predicted after the last word
-        self.order, self.discount = order, discount
-        size = len(self.words) + 1
-        bos = -1  # <s> only ever appears in contexts
-        # counts[k][context] -> {word: count} for contexts of length k (k = order - 1: raw counts,
-        # k < order - 1: continuation counts, the number of distinct words before context + word)
-        raw: dict[tuple, dict[int, int]] = defaultdict(lambda: defaultdict(int))
-        left: dict[tuple, set] = defaultdict(set)
-        for sentence in sentences:
-            ids = [bos] * (order - 1) + [self.index[w] for w in sentence] + [self.eos]
-            for i in range(order - 1, len(ids)):
-                gram = tuple(ids[i - order + 1 : i + 1])
-                raw[gram[:-1]][gram[-1]] += 1
-                for k in range(1, order):  # lower-order n-grams gram[k:], preceded by gram[k - 1]
-                    left[gram[k:]].add(gram[k - 1])
-        self._counts: dict[tuple, dict[int, int]] = {ctx: dict(ws) for ctx, ws in raw.items()}
-        cont: dict[tuple, dict[int, int]] = defaultdict(dict)
-        for gram, before in left.items():
-            cont[gram[:-1]][gram[-1]] = len(before)
-        self._cont = dict(cont)
-        self._uniform = np.full(size, 1.0 / size)
-        self._bos = bos
-        self._cache: dict[tuple, np.ndarray] = {}
-
-    def _probs(self, context: tuple, top: bool) -> np.ndarray:
-        if not context:
-            lower = self._uniform
-        else:
-            lower = self._probs(context[1:], top=False)
-        table = (self._counts if top else self._cont).get(context)
-        if not table:
-            return lower
-        total = sum(table.values())
-        probs = lower * (self.discount * len(table) / total)
-        idx = np.fromiter(table.keys(), dtype=np.int64, count=len(table))
-        cnt = np.fromiter(table.values(), dtype=np.float64, count=len(table))
-        probs[idx] += np.maximum(cnt - self.discount, 0.0) / total
-        return probs
-
-    def log_probs(self, context: Sequence[str]) -> np.ndarray:
-        """Natural-log probabilities of every word (in :attr:`words` order) and of ``</s>`` (last entry)
-        after ``context`` (the preceding words; fewer than ``order - 1`` means sentence start)."""
-        return self.log_probs_ids(tuple(self.index.get(w, -2) for w in context))
-
-    def log_probs_ids(self, context: tuple[int, ...]) -> np.ndarray:
-        """:meth:`log_probs` for word indices (read-only array, cached per context)."""
-        k = self.order - 1
-        context = ((self._bos,) * k + tuple(context))[len(context) :] if k else ()
-        cached = self._cache.get(context)
-        if cached is None:
-            if len(self._cache) * (len(self.words) + 1) > _CACHE_FLOATS:  # bounded for large vocabularies
-                self._cache.clear()
-            cached = np.log(self._probs(context, top=True))
-            cached.flags.writeable = False
-            self._cache[context] = cached
-        return cached
-
-    def sentence_log_prob(self, sentence: str) -> float:
-        """Natural-log probability of a whole sentence, ``</s>`` included."""
-        ids = [self.index[w] for w in sentence.split()]
-        total = 0.0
-        for i, w in enumerate(ids + [self.eos]):
-            total += float(self.log_probs_ids(tuple(ids[max(0, i - self.order + 1) : i]))[w])
-        return total
+    return WordNgramLM((" ".join(p) for p in spellings), order=order, vocabulary=pieces)
 
 
 class _Trie:
@@ -173,7 +112,7 @@ class _Trie:
 
 
 class CTCLexiconDecoder:
-    """CTC prefix beam search restricted to lexicon words, with an optional word n-gram language model.
+    """CTC prefix beam search over lexicon words (and new words when ``spelling_lm`` is given), with a word LM.
 
     Arguments
     ---------
@@ -182,7 +121,7 @@ class CTCLexiconDecoder:
     word_start_tokens : Iterable[int]
         Tokens that begin a word (for SentencePiece, the pieces starting with "▁"); every other
         token continues the current word.
-    lm : WordNgramLM, optional
+    lm : lobes.lm.NgramLM, optional
         Word language model; its vocabulary must include every lexicon word. ``None``: lexicon only.
     blank_index : int
         Index of the CTC blank.
@@ -194,6 +133,20 @@ class CTCLexiconDecoder:
         Added per word (counters the language model's preference for short hypotheses).
     token_prune : float
         Tokens whose log-probability at a frame is below the frame's best minus this are not extended.
+    spelling_lm : lobes.lm.NgramLM, optional
+        Model of the pieces of a word (its "words" are ``pieces`` strings, a sentence is one word); opens
+        the vocabulary. Only tokens in its vocabulary can spell a new word. ``None``: lexicon words only.
+    pieces : Sequence[str], optional
+        The text of every token id (needed with ``spelling_lm``); a new word is the concatenation of its
+        pieces without ``▁``.
+    unk_score : float
+        Added to the score of every word that is not in the lexicon: the unknown-word penalty, relative to the
+        word LM's ``<unk>`` log-probability (which a model estimated on text without unknown words makes
+        very small, so the tuned value may well be positive).
+    spelling_weight : float
+        Weight of the spelling model's log-probability of a new word.
+    spelling_prune : float
+        A token spells (or starts) a new word only where its log-probability is within this of the frame's best.
 
     Example
     -------
@@ -203,18 +156,30 @@ class CTCLexiconDecoder:
     ...                       [.1, .8, .05, .05], [.1, .1, .3, .5]])
     >>> dec(probs.log().unsqueeze(0), torch.tensor([5]))
     [['AB', 'B']]
+    >>> pieces = ["<b>", "\u2581", "A", "B"]
+    >>> open_dec = CTCLexiconDecoder({"A": [1, 2], "B": [1, 3]}, [1], beam_size=4, pieces=pieces, unk_score=0.0,
+    ...     spelling_lm=spelling_lm([["\u2581", "A", "B"], ["\u2581", "B"], ["\u2581", "B", "A"]], order=2))
+    >>> probs = torch.tensor([[.1, .8, .05, .05], [.001, .001, .001, .997], [.001, .001, .997, .001],
+    ...                       [.9, .05, .025, .025]])
+    >>> open_dec(probs.log().unsqueeze(0), torch.tensor([4]))  # "BA" is not in the lexicon
+    [['BA']]
     """
 
     def __init__(
         self,
         spellings: dict[str, Sequence[int]],
         word_start_tokens: Iterable[int],
-        lm: WordNgramLM | None = None,
+        lm: NgramLM | None = None,
         blank_index: int = 0,
         beam_size: int = 16,
         lm_weight: float = 0.5,
         word_bonus: float = 1.0,
         token_prune: float = 10.0,
+        spelling_lm: NgramLM | None = None,
+        pieces: Sequence[str] | None = None,
+        unk_score: float = 3.0,
+        spelling_weight: float = 0.5,
+        spelling_prune: float = 3.0,
     ):
         if not spellings:
             raise ValueError("the lexicon is empty")
@@ -233,6 +198,8 @@ class CTCLexiconDecoder:
                 raise ValueError(f"lexicon words missing from the language model: {missing[:5]}")
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1; got {beam_size}")
+        if spelling_lm is not None and pieces is None:
+            raise ValueError("spelling_lm needs pieces (the text of every token id)")
         self.trie = _Trie(spellings)
         self.word_start_tokens = starts
         self.lm = lm
@@ -241,74 +208,164 @@ class CTCLexiconDecoder:
         self.lm_weight = lm_weight
         self.word_bonus = word_bonus
         self.token_prune = token_prune
+        self.spelling_lm = spelling_lm
+        self.pieces = list(pieces) if pieces is not None else None
+        self.unk_score = unk_score
+        self.spelling_weight = spelling_weight
+        self.spelling_prune = spelling_prune
         # LM index of each DFS-ordered lexicon word (with </s> appended, for the final step)
         if lm is not None:
             self._lm_ids = np.array([lm.index[w] for w in self.trie.words], dtype=np.int64)
         self._lookahead_cache: dict[tuple, np.ndarray] = {}
+        self._best_cache: dict[tuple, float] = {}
+        # spelling-model id of each token (-1: the token cannot spell a new word)
+        self._spell_ids: dict[int, int] = {}
+        if spelling_lm is not None:
+            specials = {spelling_lm.eos, spelling_lm.unk, spelling_lm.bos}
+            for token, piece in enumerate(self.pieces):
+                sid = spelling_lm.index.get(piece, -1)
+                if sid >= 0 and sid not in specials and token != blank_index:
+                    self._spell_ids[token] = sid
 
     @classmethod
-    def from_sentencepiece(cls, sp, transcripts: Iterable[str], lm_order: int = 3, **kwargs) -> "CTCLexiconDecoder":
-        """Lexicon and language model (``lm_order`` = 0: none) from training transcripts, spellings from a
-        ``sentencepiece.SentencePieceProcessor``; ``kwargs`` go to the constructor."""
+    def from_sentencepiece(
+        cls,
+        sp,
+        transcripts: Iterable[str],
+        lm_order: int = 3,
+        lm_path: str | None = None,
+        spelling_order: int = 0,
+        lm: NgramLM | None = None,
+        **kwargs,
+    ) -> "CTCLexiconDecoder":
+        """Lexicon, word LM and spelling model from training transcripts; spellings from a
+        ``sentencepiece.SentencePieceProcessor``; ``kwargs`` go to the constructor.
+
+        ``lm_order``: order of the word LM estimated on the transcripts (0: none). ``lm_path``: an ARPA file
+        (``.gz`` too) to use instead, or ``lm``: such a model already read (or an object holding it as ``.lm``);
+        the lexicon is then its words that the tokenizer can spell.
+        ``spelling_order``: order of the spelling model of new words, estimated on the lexicon's spellings
+        (0: closed vocabulary).
+        """
         transcripts = [t for t in transcripts if t.strip()]
-        words = sorted({w for t in transcripts for w in t.split()})
-        spellings = {w: sp.encode_as_ids(w) for w in words}
-        starts = [i for i in range(sp.get_piece_size()) if sp.id_to_piece(i).startswith("\u2581")]
-        lm = WordNgramLM(transcripts, order=lm_order) if lm_order > 0 else None
-        return cls(spellings, starts, lm=lm, **kwargs)
+        lm = getattr(lm, "lm", lm)  # a loadable holding the model
+        given = bool(lm_path) or lm is not None
+        if given:
+            if lm is None:
+                lm = read_arpa(lm_path)
+            words = lm.words
+        else:
+            words = sorted({w for t in transcripts for w in t.split()})
+            lm = WordNgramLM(transcripts, order=lm_order) if lm_order > 0 else None
+        unk = sp.unk_id()
+        spellings = {w: ids for w in words if (ids := sp.encode_as_ids(w)) and unk not in ids}
+        if given and not spellings:
+            raise ValueError(f"{lm_path or 'the language model'}: none of its words can be spelled with the tokenizer")
+        pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+        starts = [i for i, p in enumerate(pieces) if p.startswith(WORD_MARKER)]
+        speller = None
+        if spelling_order > 0:
+            regular = [p for i, p in enumerate(pieces) if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i))]
+            speller = spelling_lm(
+                ([pieces[t] for t in spellings[w]] for w in spellings), order=spelling_order, pieces=regular
+            )
+        return cls(spellings, starts, lm=lm, spelling_lm=speller, pieces=pieces, **kwargs)
 
     # --- language-model scores -------------------------------------------------------------------
     def _dfs_log_probs(self, context: tuple[int, ...]) -> np.ndarray:
-        """LM log-probabilities of the lexicon words in DFS order (then </s>) after a context of LM ids."""
+        """LM log-probabilities of the lexicon words in DFS order, then </s> and <unk>, after LM ids."""
         cached = self._lookahead_cache.get(context)
         if cached is None:
-            if len(self._lookahead_cache) * (len(self._lm_ids) + 1) > _CACHE_FLOATS:
+            if len(self._lookahead_cache) * (len(self._lm_ids) + 2) > _CACHE_FLOATS:
                 self._lookahead_cache.clear()
+                self._best_cache.clear()
             lp = self.lm.log_probs_ids(context)
-            cached = np.append(lp[self._lm_ids], lp[self.lm.eos])
+            cached = np.append(lp[self._lm_ids], (lp[self.lm.eos], lp[self.lm.unk]))
             self._lookahead_cache[context] = cached
         return cached
 
-    def _context(self, words: tuple[int, ...]) -> tuple[int, ...]:
-        k = self.lm.order - 1
-        return tuple(int(self._lm_ids[w]) for w in words[len(words) - k :]) if k else ()
+    def _next_context(self, context: tuple[int, ...], word: object) -> tuple[int, ...]:
+        """The LM context after ``word`` (a lexicon word's DFS index, or a new word's text: ``<unk>``)."""
+        if self.lm is None or self.lm.order == 1:
+            return ()
+        lm_id = int(self._lm_ids[word]) if isinstance(word, int) else self.lm.unk
+        return (context + (lm_id,))[1 - self.lm.order :]
 
-    def _lookahead(self, words: tuple[int, ...], node: int) -> float:
-        if self.lm is None or node == 0:
+    def _new_word_score(self, context: tuple[int, ...]) -> float:
+        """Weighted LM log-probability of ``<unk>`` plus the unknown-word penalty."""
+        lm = 0.0 if self.lm is None else self.lm_weight * float(self._dfs_log_probs(context)[-1])
+        return lm + self.unk_score
+
+    def _lookahead(self, context: tuple[int, ...], node: int, spell: float) -> float:
+        """Best LM score the current word can still get (a lexicon word below its trie node, or a new word);
+        ``node`` 0: no current word, -1: off the lexicon."""
+        if node == 0:
             return 0.0
-        lp = self._dfs_log_probs(self._context(words))
-        return self.lm_weight * float(lp[self.trie.lo[node] : self.trie.hi[node]].max())
+        best = -math.inf
+        if node > 0:
+            best = self._best_cache.get((context, node))
+            if best is None:
+                best = 0.0
+                if self.lm is not None:
+                    lp = self._dfs_log_probs(context)
+                    best = self.lm_weight * float(lp[self.trie.lo[node] : self.trie.hi[node]].max())
+                if len(self._best_cache) > _CACHE_ENTRIES:
+                    self._best_cache.clear()
+                self._best_cache[(context, node)] = best
+        if spell > -math.inf:
+            best = max(best, self._new_word_score(context) + self.spelling_weight * spell)
+        return best
 
-    def _word_score(self, words: tuple[int, ...], word: int) -> float:
-        """Weighted LM log-probability of ``word`` after ``words``, plus the word bonus."""
-        if self.lm is None:
-            return self.word_bonus
-        return self.lm_weight * float(self._dfs_log_probs(self._context(words))[word]) + self.word_bonus
+    def _finish_word(
+        self, context: tuple[int, ...], partial: tuple, node: int, spell: float, spell_context: tuple
+    ) -> tuple[object, float]:
+        """The finished current word (DFS index, or its text when new) and its score, or ``(None, -inf)``."""
+        if node > 0 and self.trie.word[node] >= 0:
+            word = self.trie.word[node]
+            if self.lm is None:
+                return word, self.word_bonus
+            return word, self.lm_weight * float(self._dfs_log_probs(context)[word]) + self.word_bonus
+        if spell == -math.inf:
+            return None, -math.inf
+        text = "".join(self.pieces[t] for t in partial).replace(WORD_MARKER, "")
+        if not text:
+            return None, -math.inf  # a word-start mark alone is no word
+        spell += float(self.spelling_lm.log_probs_ids(spell_context)[self.spelling_lm.eos])
+        return text, self._new_word_score(context) + self.spelling_weight * spell + self.word_bonus
 
-    def _end_score(self, words: tuple[int, ...]) -> float:
+    def _end_score(self, context: tuple[int, ...]) -> float:
         if self.lm is None:
             return 0.0
-        return self.lm_weight * float(self._dfs_log_probs(self._context(words))[-1])
+        return self.lm_weight * float(self._dfs_log_probs(context)[-2])
 
     # --- search --------------------------------------------------------------------------------------
     def decode_one(self, log_probs: np.ndarray) -> list[str]:
         """Best word sequence for one utterance's (T, V) CTC log-probabilities (valid frames only)."""
         trie, blank, neg = self.trie, self.blank_index, -math.inf
-        lse = np.logaddexp
-        # key (committed words, trie node) -> [log p ending in blank, log p ending in a token, last token, lm]
-        beams = {((), 0): [0.0, neg, -1, 0.0]}
+        lse = _logaddexp
+        speller, spell_ids = self.spelling_lm, self._spell_ids
+        spell_k = speller.order - 1 if speller is not None else 0
+        root_context = () if self.lm is None or self.lm.order == 1 else (self.lm.bos,)
+        # key (finished words, tokens of the current word) ->
+        # [0 log p ending in blank, 1 log p ending in a token, 2 last token, 3 LM score of the finished words,
+        #  4 trie node of the current word (0: none, -1: off the lexicon), 5 spelling log-prob of the current
+        #  word, 6 LM context, 7 spelling-model context, 8 look-ahead]
+        beams = {((), ()): [0.0, neg, -1, 0.0, 0, neg, root_context, (), 0.0]}
         for frame in log_probs:
             best = float(frame.max())
             tokens = [int(c) for c in np.nonzero(frame >= best - self.token_prune)[0] if c != blank]
             p_blank = float(frame[blank])
+            spell_floor = best - self.spelling_prune
             nxt: dict[tuple, list] = {}
-            for key, (pb, pnb, last, lm) in beams.items():
-                words, node = key
+            for key, beam in beams.items():
+                pb, pnb, last, lm, node, spell, context, spell_context, _ = beam
+                words, partial = key
                 total = lse(pb, pnb)
                 entry = nxt.get(key)
                 if entry is None:
-                    entry = nxt[key] = [neg, neg, last, lm]
+                    entry = nxt[key] = [neg, neg, *beam[2:]]
                 entry[0] = lse(entry[0], total + p_blank)
+                spell_next = speller.log_probs_ids(spell_context) if spell > neg else None
                 for c in tokens:
                     pc = float(frame[c])
                     if c == last:
@@ -318,38 +375,66 @@ class CTCLexiconDecoder:
                         source = total
                     if source == neg:
                         continue
-                    new_words, new_lm = words, lm
+                    new_words, new_lm, new_context = words, lm, context
                     if c in self.word_start_tokens:
-                        if node != 0:
-                            if trie.word[node] < 0:
+                        if partial:
+                            word, score = self._finish_word(context, partial, node, spell, spell_context)
+                            if word is None:
                                 continue  # the current word is incomplete
-                            new_words = words + (trie.word[node],)
-                            new_lm = lm + self._word_score(words, trie.word[node])
-                        child = trie.children[0].get(c)
+                            new_words, new_lm = words + (word,), lm + score
+                            new_context = self._next_context(context, word)
+                        new_partial = (c,)
+                        child = trie.children[0].get(c, -1)
+                        new_spell, new_spell_context = neg, ()
+                        if c in spell_ids and pc >= spell_floor:
+                            sid = spell_ids[c]
+                            new_spell = float(speller.log_probs_ids(())[sid])
+                            new_spell_context = (sid,) if spell_k else ()
                     else:
-                        child = trie.children[node].get(c) if node != 0 else None
-                    if child is None:
+                        if not partial:
+                            continue  # a word begins with a word-start token
+                        new_partial = partial + (c,)
+                        child = trie.children[node].get(c, -1) if node > 0 else -1
+                        new_spell, new_spell_context = neg, ()
+                        if spell_next is not None and c in spell_ids and pc >= spell_floor:
+                            sid = spell_ids[c]
+                            new_spell = spell + float(spell_next[sid])
+                            new_spell_context = (spell_context + (sid,))[-spell_k:] if spell_k else ()
+                    if child < 0 and new_spell == neg:
                         continue
-                    new_key = (new_words, child)
+                    new_key = (new_words, new_partial)
                     target = nxt.get(new_key)
                     if target is None:
-                        target = nxt[new_key] = [neg, neg, c, new_lm]
+                        lookahead = self._lookahead(new_context, child, new_spell)
+                        target = nxt[new_key] = [
+                            neg, neg, c, new_lm, child, new_spell, new_context, new_spell_context, lookahead,
+                        ]  # fmt: skip
                     target[1] = lse(target[1], source + pc)
-            scored = sorted(
-                nxt.items(), key=lambda kv: -(lse(kv[1][0], kv[1][1]) + kv[1][3] + self._lookahead(kv[0][0], kv[0][1]))
+            beams = dict(
+                heapq.nlargest(
+                    self.beam_size, nxt.items(), key=lambda kv: lse(kv[1][0], kv[1][1]) + kv[1][3] + kv[1][8]
+                )
             )
-            beams = dict(scored[: self.beam_size])
-        best_words, best_score = (), neg
-        for (words, node), (pb, pnb, _, lm) in beams.items():
-            if node != 0:
-                if trie.word[node] < 0:
+        # the best hypothesis whose last word is complete; when every beam ends inside a word, the best one
+        # with that unfinished word left out (rather than no words at all)
+        best_words, best_score, best_cut, cut_score = (), neg, (), neg
+        for (words, partial), (pb, pnb, _, lm, node, spell, context, spell_context, _) in beams.items():
+            if partial:
+                word, score = self._finish_word(context, partial, node, spell, spell_context)
+                if word is None:
+                    score = lse(pb, pnb) + lm + self._end_score(context)
+                    if score > cut_score:
+                        best_cut, cut_score = words, score
                     continue
-                lm += self._word_score(words, trie.word[node])
-                words = words + (trie.word[node],)
-            score = lse(pb, pnb) + lm + self._end_score(words)
+                lm += score
+                words = words + (word,)
+                context = self._next_context(context, word)
+            score = lse(pb, pnb) + lm + self._end_score(context)
             if score > best_score:
                 best_words, best_score = words, score
-        return [trie.words[w] for w in best_words]
+        if best_score == neg:
+            best_words = best_cut
+        return [trie.words[w] if isinstance(w, int) else w for w in best_words]
 
     def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[str]]:
         """Words per utterance.

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lobes.decoding import CTCLexiconDecoder, WordNgramLM
+from lobes.decoding import CTCLexiconDecoder, WordNgramLM, spelling_lm
 
 SENTENCES = ["THE DOG SAW THE CAT", "THE CAT SAW A DOG", "A DOG RAN", "THE CAT RAN AWAY", "A CAT SAW THE DOG"]
 
@@ -17,7 +17,7 @@ def test_lm_distributions_sum_to_one(order):
     lm = WordNgramLM(SENTENCES, order=order)
     for context in [(), ("THE",), ("SAW", "THE"), ("RAN", "AWAY", "A"), ("UNSEEN",), ("DOG", "UNSEEN")]:
         p = np.exp(lm.log_probs(context))
-        assert p.shape == (len(lm.words) + 1,)
+        assert p.shape == (len(lm.words) + 2,)  # words, </s>, <unk>
         assert abs(p.sum() - 1.0) < 1e-9
         assert (p > 0).all()
 
@@ -25,14 +25,18 @@ def test_lm_distributions_sum_to_one(order):
 def test_lm_bigram_by_hand():
     lm = WordNgramLM(["THE DOG SAW THE CAT", "THE CAT SAW THE DOG"], order=2, discount=0.5)
     # continuation counts: THE {<s>, SAW}, DOG {THE}, CAT {THE}, SAW {DOG, CAT}, </s> {CAT, DOG}: 8 in all
-    # unigram: max(N - D, 0) / 8 + D * 5 / 8 * uniform(1 / 5)
-    p_uni = {"THE": 1.5 / 8 + 0.0625, "DOG": 0.5 / 8 + 0.0625, "SAW": 1.5 / 8 + 0.0625}
+    # unigram: max(N - D, 0) / 8 + D * 5 / 8 * uniform(1 / 6: 4 words, </s>, <unk>)
+    uniform = 0.5 * 5 / 8 / 6
+    p_uni = {"THE": 1.5 / 8 + uniform, "DOG": 0.5 / 8 + uniform, "SAW": 1.5 / 8 + uniform}
     # after THE: DOG 2, CAT 2 (total 4, 2 types)
     p = np.exp(lm.log_probs(("THE",)))
     assert p[lm.index["DOG"]] == pytest.approx(1.5 / 4 + 0.5 * 2 / 4 * p_uni["DOG"])
     assert p[lm.index["SAW"]] == pytest.approx(0.5 * 2 / 4 * p_uni["SAW"])
     # an unseen context falls back to the unigram level
     assert np.exp(lm.log_probs(("CAT", "UNSEEN"))[lm.index["THE"]]) == pytest.approx(p_uni["THE"])
+    assert np.exp(lm.log_probs(("CAT", "UNSEEN"))[lm.unk]) == pytest.approx(uniform)
+    # the sentence start is a context of its own (raw counts: THE starts both sentences)
+    assert np.exp(lm.log_probs(())[lm.index["THE"]]) == pytest.approx(1.5 / 2 + 0.5 * 1 / 2 * p_uni["THE"])
     assert lm.sentence_log_prob("THE DOG SAW THE CAT") > lm.sentence_log_prob("CAT THE SAW DOG THE")
 
 
@@ -182,3 +186,180 @@ def test_bad_lexicons_and_inputs():
         CTCLexiconDecoder(spell, [1], lm=WordNgramLM(["AB C"], order=2))
     with pytest.raises(ValueError, match=r"\(B, T, V\)"):
         CTCLexiconDecoder(spell, [1])(torch.zeros(5, 6), torch.tensor([5]))
+
+
+# --- open vocabulary: lexicon words, or new words spelled token by token -------------------------------
+PIECES = ["<blank>", "\u2581"] + list(LETTERS)  # token 1 starts every word
+SPELLER_WORDS = ["AB", "ABC", "BA", "CAB", "DAD"]
+
+
+def _speller(order=3):
+    return spelling_lm([["\u2581"] + list(w) for w in SPELLER_WORDS], order=order)
+
+
+def _open_score(words, lm, speller, lm_weight, word_bonus, unk_score, spelling_weight):
+    """The open decoder's LM score of a word sequence, computed independently of the search."""
+    context, score = ["<s>"], 0.0
+    for word in words:
+        h = tuple(context[len(context) - lm.order + 1 :]) if lm.order > 1 else ()
+        if word in LEXICON:
+            score += lm_weight * float(lm.log_probs(h)[lm.index[word]])
+        else:
+            score += lm_weight * float(lm.log_probs(h)[lm.unk]) + unk_score
+            score += spelling_weight * speller.sentence_log_prob(" ".join(["\u2581"] + list(word)))
+        score += word_bonus
+        context.append(word if word in LEXICON else "<unk>")
+    h = tuple(context[len(context) - lm.order + 1 :]) if lm.order > 1 else ()
+    return score + lm_weight * float(lm.log_probs(h)[lm.eos])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_open_vocabulary_search_equals_exhaustive_search(seed):
+    """Unpruned, the open search finds the best of every token sequence that fits the frames."""
+    rng = np.random.default_rng(seed)
+    T, V = 6, 2 + len(LETTERS)
+    logits = rng.normal(size=(T, V)) * 2.0
+    logits[:, 1] += 1.0  # more word starts, so that several words fit
+    log_probs = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    lm = WordNgramLM(["AB C", "BA DD AB", "C C", "ABC BA"], order=2)
+    speller = _speller()
+    options = dict(lm_weight=0.8, word_bonus=1.5, unk_score=3.0, spelling_weight=0.5)
+    dec = CTCLexiconDecoder(
+        {w: _spell(w) for w in LEXICON},
+        [1],
+        lm=lm,
+        beam_size=100_000,
+        token_prune=math.inf,
+        spelling_prune=math.inf,
+        spelling_lm=speller,
+        pieces=PIECES,
+        **options,
+    )
+    best, best_score = None, -math.inf
+    for n in range(1, T + 1):
+        for tokens in itertools.product(range(1, V), repeat=n):
+            if tokens[0] != 1 or any(a == 1 and b == 1 for a, b in zip(tokens, tokens[1:])) or tokens[-1] == 1:
+                continue  # every word has a letter
+            acoustic = _ctc_log_likelihood(log_probs, list(tokens))
+            if not math.isfinite(acoustic):
+                continue
+            words = "".join(PIECES[t] for t in tokens).split("\u2581")[1:]
+            score = acoustic + _open_score(words, lm, speller, **options)
+            if score > best_score:
+                best, best_score = words, score
+    empty = float(log_probs[:, 0].sum()) + options["lm_weight"] * float(lm.log_probs(())[lm.eos])
+    if empty > best_score:
+        best = []
+    assert dec.decode_one(log_probs) == best
+
+
+def _sentencepiece_char(tmp_path, sentences):
+    import sentencepiece as spm
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(sentences * 4))
+    spm.SentencePieceTrainer.train(
+        input=str(text),
+        model_prefix=str(tmp_path / "m"),
+        vocab_size=40,
+        hard_vocab_limit=False,
+        model_type="char",
+        character_coverage=1.0,
+        bos_id=-1,
+        eos_id=-1,
+        unk_id=0,
+        minloglevel=2,
+    )
+    return spm.SentencePieceProcessor(model_file=str(tmp_path / "m.model"))
+
+
+def _posterior(sp, sentence, peak=0.9, seed=0):
+    """CTC log-probs whose best path spells ``sentence`` (a blank between tokens), with random runner-ups."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for tok in sp.encode_as_ids(sentence):
+        frames += [tok, 0]
+    V = sp.get_piece_size()
+    probs = rng.dirichlet(np.ones(V), size=len(frames)) * (1 - peak)
+    probs[np.arange(len(frames)), frames] += peak
+    return np.log(probs)
+
+
+def test_open_vocabulary_emits_an_unseen_word(tmp_path):
+    training = SENTENCES + ["THE DOG RAN"]
+    sp = _sentencepiece_char(tmp_path, training + ["WOLF"])  # F: a letter of no training word
+    closed = CTCLexiconDecoder.from_sentencepiece(sp, training, lm_order=2, beam_size=16, lm_weight=1.0)
+    opened = CTCLexiconDecoder.from_sentencepiece(
+        sp, training, lm_order=2, spelling_order=3, beam_size=16, lm_weight=1.0, unk_score=-2.0
+    )
+    assert "WOLF" not in opened.trie.words
+    seen = _posterior(sp, "THE CAT SAW THE DOG")
+    assert closed.decode_one(seen) == opened.decode_one(seen) == "THE CAT SAW THE DOG".split()
+    new = _posterior(sp, "THE WOLF SAW THE CAT", peak=0.995)  # clear acoustics
+    assert opened.decode_one(new) == "THE WOLF SAW THE CAT".split()
+    assert closed.decode_one(new) != "THE WOLF SAW THE CAT".split()  # the closed lexicon cannot spell it
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_open_vocabulary_with_a_prohibitive_penalty_is_the_closed_search(seed):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(12, 2 + len(LETTERS))) * 2.0
+    log_probs = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    lm = WordNgramLM(["AB C", "BA DD AB", "C C", "ABC BA"], order=3)
+    spell = {w: _spell(w) for w in LEXICON}
+    closed = CTCLexiconDecoder(spell, [1], lm=lm, beam_size=8)
+    opened = CTCLexiconDecoder(spell, [1], lm=lm, beam_size=8, spelling_lm=_speller(), pieces=PIECES, unk_score=-1e6)
+    assert opened.decode_one(log_probs) == closed.decode_one(log_probs)
+
+
+def _sentencepiece_bpe(tmp_path, sentences):
+    import sentencepiece as spm
+
+    text = tmp_path / "bpe.txt"
+    text.write_text("\n".join(sentences * 4))
+    spm.SentencePieceTrainer.train(
+        input=str(text),
+        model_prefix=str(tmp_path / "bpe"),
+        vocab_size=40,
+        model_type="bpe",
+        character_coverage=1.0,
+        bos_id=-1,
+        eos_id=-1,
+        unk_id=0,
+        minloglevel=2,
+    )
+    return spm.SentencePieceProcessor(model_file=str(tmp_path / "bpe.model"))
+
+
+def test_open_vocabulary_with_subword_tokens(tmp_path):
+    training = SENTENCES + ["THE DOG RAN"]
+    sp = _sentencepiece_bpe(tmp_path, training + ["WOLF"])
+    assert sp.encode_as_pieces("WOLF") == ["\u2581WOLF"]  # a piece no lexicon word has
+    opened = CTCLexiconDecoder.from_sentencepiece(
+        sp, training, lm_order=2, spelling_order=3, beam_size=16, lm_weight=1.0, unk_score=1.0
+    )
+    seen = _posterior(sp, "THE CAT SAW THE DOG")
+    assert opened.decode_one(seen) == "THE CAT SAW THE DOG".split()
+    new = _posterior(sp, "THE WOLF SAW THE CAT", peak=0.995)
+    assert opened.decode_one(new) == "THE WOLF SAW THE CAT".split()
+
+
+def test_transcript_decoder_settings_and_arpa_files(tmp_path):
+    from lobes.lm import ArpaError
+    from lobes.recipe import TranscriptLexiconDecoder
+
+    sp = _sentencepiece_char(tmp_path, SENTENCES)
+    fitted = TranscriptLexiconDecoder(lm_order=2, spelling_order=3, unk_score=1.5, beam_size=4).fit(sp, SENTENCES)
+    assert fitted.decoder.spelling_lm.order == 3 and fitted.decoder.unk_score == 1.5 and fitted.decoder.lm.order == 2
+    closed = TranscriptLexiconDecoder(lm_order=2).fit(sp, SENTENCES)
+    assert closed.decoder.spelling_lm is None
+    arpa = WordNgramLM(["A CAT", "THE DOG RAN AWAY"], order=2).write_arpa(tmp_path / "user.arpa")
+    own = TranscriptLexiconDecoder(lm_path=str(arpa), spelling_order=3).fit(sp, SENTENCES)
+    assert sorted(own.decoder.trie.words) == ["A", "AWAY", "CAT", "DOG", "RAN", "THE"]  # the LM's words
+    with pytest.raises(FileNotFoundError, match="lm_path .*missing.arpa: no such file"):
+        TranscriptLexiconDecoder(lm_path=str(tmp_path / "missing.arpa"))
+    (tmp_path / "bad.arpa").write_text("\\data\\\nngram 1=2\n\n\\1-grams:\n-0.5 A\n")
+    with pytest.raises(ArpaError, match=r"bad.arpa: the file ends before"):
+        TranscriptLexiconDecoder(lm_path=str(tmp_path / "bad.arpa")).fit(sp, SENTENCES)
+    with pytest.raises(ValueError, match="spelling_order"):
+        TranscriptLexiconDecoder(spelling_order=-1)

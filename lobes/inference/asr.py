@@ -35,7 +35,6 @@ Example
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -47,6 +46,7 @@ import torch
 
 from lobes.inference.asr_modules import (
     KIND,
+    ArpaLanguageModel,
     CTCEncoder,
     LexiconBeamASR,
     TrainingTranscripts,
@@ -57,10 +57,16 @@ from lobes.inference.asr_package import package_asr_run
 from lobes.inference.precision import autocast, resolve_precision
 from lobes.inference.pretrained import HPARAMS_FILE, PretrainedError, load_pretrained
 from lobes.inference.sources import AudioSource, audio_sources, batches_by_length, pad_batch
+from lobes.inference.words import Transcript, Word
+from lobes.inference.words import collapse as _collapse
+from lobes.inference.words import ctc_align as _ctc_align
+from lobes.inference.words import text as _text
+from lobes.inference.words import words as _words
 from lobes.inputs import resolve_device
 
 __all__ = [
     "DECODERS",
+    "ArpaLanguageModel",
     "CTCEncoder",
     "LexiconBeamASR",
     "Transcriber",
@@ -77,115 +83,9 @@ DECODERS = ("greedy", "beam")
 """``greedy``: best CTC path; ``beam``: the recipe's lexicon + word-LM beam search."""
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Results
-# --------------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Word:
-    """One recognised word and where it is, in seconds from the start of the recording."""
-
-    word: str
-    start: float
-    end: float
-
-
-@dataclasses.dataclass
-class Transcript:
-    """The words of one recording: ``text`` (words joined by spaces) and ``words`` with timestamps."""
-
-    text: str
-    words: list[Word]
-
-    def to_dict(self) -> dict:
-        """``{"text": ..., "words": [{"word", "start", "end"}, ...]}`` (JSON-able)."""
-        return {"text": self.text, "words": [dataclasses.asdict(w) for w in self.words]}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Alignment and words
-# --------------------------------------------------------------------------------------------------------------
 def _best_path(log_probs: np.ndarray) -> np.ndarray:
     """Best token of each frame of (T, V) log-probs (torch's ``max``, as speechbrain's greedy decoding)."""
     return torch.from_numpy(np.ascontiguousarray(log_probs)).max(dim=-1)[1].numpy()
-
-
-def _collapse(path: np.ndarray, blank: int) -> tuple[list[int], list[tuple[int, int]]]:
-    """Tokens of a best path and the (first, last) frame of each token's run."""
-    tokens, spans = [], []
-    prev = -1
-    for t, c in enumerate(path.tolist()):
-        if c != blank:
-            if c == prev:
-                spans[-1] = (spans[-1][0], t)
-            else:
-                tokens.append(c)
-                spans.append((t, t))
-        prev = c
-    return tokens, spans
-
-
-def _ctc_align(log_probs: np.ndarray, tokens: Sequence[int], blank: int) -> list[tuple[int, int]]:
-    """(first, last) frame of each token on the Viterbi CTC alignment of ``tokens`` to (T, V) log-probs."""
-    if not tokens:
-        return []
-    labels = np.full(2 * len(tokens) + 1, blank, dtype=np.int64)
-    labels[1::2] = tokens
-    n_states = len(labels)
-    # a state may skip the blank before it when its token differs from the token two states back
-    skip = np.zeros(n_states, dtype=bool)
-    skip[3::2] = labels[3::2] != labels[1:-2:2]
-    emit = log_probs[:, labels]  # (T, S)
-    score = np.full(n_states, -np.inf)
-    score[0], score[1] = emit[0, 0], emit[0, 1]
-    back = np.zeros((len(log_probs), n_states), dtype=np.int8)  # 0: stay, 1: from s-1, 2: from s-2
-    for t in range(1, len(log_probs)):
-        stay = score
-        step = np.concatenate(([-np.inf], score[:-1]))
-        jump = np.where(skip, np.concatenate(([-np.inf, -np.inf], score[:-2])), -np.inf)
-        choice = np.argmax(np.stack([stay, step, jump]), axis=0)
-        score = np.choose(choice, [stay, step, jump]) + emit[t]
-        back[t] = choice
-    state = n_states - 1 if score[-1] >= score[-2] else n_states - 2
-    spans: dict[int, list[int]] = {}
-    for t in range(len(log_probs) - 1, -1, -1):
-        if state % 2 == 1:
-            first_last = spans.setdefault(state // 2, [t, t])
-            first_last[0] = t
-        state -= int(back[t, state])
-    return [tuple(spans.get(i, (0, 0))) for i in range(len(tokens))]
-
-
-def _words(
-    tokenizer, tokens: Sequence[int], spans: Sequence[tuple[int, int]], frame_shift: float, offset_frames: int = 0
-) -> list[Word]:
-    """Words of a token sequence (a word starts at a piece beginning with the SentencePiece boundary "▁"),
-    timed by the frames of the pieces that carry letters."""
-    words: list[Word] = []
-    text, first, last = "", None, None
-
-    def close():
-        if text:
-            start = offset_frames + (first if first is not None else 0)
-            end = offset_frames + (last if last is not None else start) + 1
-            words.append(Word(text, round(start * frame_shift, 3), round(end * frame_shift, 3)))
-
-    for token, (a, b) in zip(tokens, spans):
-        piece = tokenizer.id_to_piece(int(token))
-        for i, part in enumerate(piece.split("\u2581")):
-            if i > 0:  # a boundary: the word so far is complete
-                close()
-                text, first, last = "", None, None
-            if part:
-                text += part
-                first = a if first is None else first
-                last = b
-    close()
-    return words
-
-
-def _text(tokenizer, tokens: Sequence[int]) -> str:
-    """The recipe's hypothesis text: SentencePiece's decoding, split into words and joined by one space."""
-    return " ".join(tokenizer.decode_ids([int(t) for t in tokens]).split())
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from lobes.masks import lengths_to_padding_mask
 
 __all__ = [
     "KIND",
+    "ArpaLanguageModel",
     "CTCEncoder",
     "LexiconBeamASR",
     "TrainingTranscripts",
@@ -100,6 +101,37 @@ class TrainingTranscripts:
     def load(self, path: str | os.PathLike) -> None:
         """Read the transcripts from ``path``."""
         self.sentences = Path(path).read_text(encoding="utf-8").splitlines()
+
+    @mark_as_loader
+    def _recover(self, path: str | os.PathLike, end_of_epoch: bool = False) -> None:
+        self.load(path)
+
+
+@register_checkpoint_hooks
+class ArpaLanguageModel:
+    """A word language model read from an ARPA file: the beam decoder's ``lm`` when the run used ``lm_path``.
+
+    A loadable of the pretrained folder's ``pretrainer`` (file ``word_lm.ckpt``, the ARPA text, plain or
+    gzip-compressed); :attr:`lm` is the :class:`lobes.lm.NgramLM` once loaded.
+
+    Example
+    -------
+    >>> import tempfile, os
+    >>> from lobes.lm import WordNgramLM
+    >>> p = WordNgramLM(["THE CAT", "A DOG"], order=2).write_arpa(os.path.join(tempfile.mkdtemp(), "word_lm.ckpt"))
+    >>> m = ArpaLanguageModel(); m.load(p); m.lm.words
+    ['A', 'CAT', 'DOG', 'THE']
+    """
+
+    def __init__(self):
+        self.lm = None
+
+    @mark_as_transfer
+    def load(self, path: str | os.PathLike) -> None:
+        """Read the ARPA file ``path`` (:func:`lobes.lm.read_arpa`)."""
+        from lobes.lm import read_arpa
+
+        self.lm = read_arpa(path)
 
     @mark_as_loader
     def _recover(self, path: str | os.PathLike, end_of_epoch: bool = False) -> None:

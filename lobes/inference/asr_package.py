@@ -202,10 +202,16 @@ def _readme(info: dict, folder_name: str) -> str:
         "",
     ]
     if beam:
+        source = f"the ARPA file {beam['lm_file']}" if beam.get("lm_file") else "the training transcripts"
+        vocabulary = f"over the {beam['words']} words of {source}"
+        if beam.get("spelling_order"):
+            vocabulary += (
+                f" and new words spelled piece by piece (scored by a {beam['spelling_order']}-gram model of the "
+                "words' spellings)"
+            )
         lines += [
-            f"The recipe's test decoding (CTC prefix beam search restricted to the {beam['words']} words of the "
-            f"training transcripts, scored with their word {beam['lm_order']}-gram LM; rebuilt from "
-            "`transcripts.ckpt`):",
+            f"The recipe's test decoding (CTC prefix beam search {vocabulary}, with a word {beam['lm_order']}-gram "
+            "LM; rebuilt from `transcripts.ckpt`" + (" and `word_lm.ckpt`" if beam.get("lm_file") else "") + "):",
             "",
             "```python",
             "from speechbrain.inference.interfaces import foreign_class",
@@ -223,8 +229,10 @@ def _readme(info: dict, folder_name: str) -> str:
         "- `tokenizer.ckpt`: the SentencePiece model",
     ]
     if beam:
+        if beam.get("lm_file"):
+            lines.append("- `word_lm.ckpt`: the word LM of the beam search (ARPA)")
         lines += [
-            "- `transcripts.ckpt`: the training transcripts, one per line (lexicon and word LM of the beam search)",
+            "- `transcripts.ckpt`: the training transcripts, one per line (lexicon and LMs of the beam search)",
             "- `custom.py`: the speechbrain interface with the beam search (for `foreign_class`)",
         ]
     lines += ["- `package.json`: checksums of these files and the facts above", ""]
@@ -261,16 +269,22 @@ transcripts: !new:lobes.inference.asr.TrainingTranscripts
 """
 
 
+_WORD_LM_YAML = """# the run's word LM (an ARPA file: word_lm.ckpt)
+word_lm: !new:lobes.inference.asr.ArpaLanguageModel
+"""
+
 _BEAM_FACTORY = "lobes.decoding.CTCLexiconDecoder.from_sentencepiece"
 _BEAM_TAGS = ("!new:lobes.recipe.TranscriptLexiconDecoder", "!name:" + _BEAM_FACTORY)
 
 
-def _beam_node(node: Any, where: Path) -> Any:
-    """The run's ``test_decoder`` as ``!name:lobes.decoding.CTCLexiconDecoder.from_sentencepiece`` with its settings.
+def _beam_node(node: Any, where: Path) -> tuple[Any, Path | None]:
+    """The run's ``test_decoder`` as ``!name:lobes.decoding.CTCLexiconDecoder.from_sentencepiece`` with its
+    settings, and the ARPA file of its ``lm_path`` (None when it estimates its LM on the transcripts).
 
     The recipe writes it either as ``lobes.recipe.TranscriptLexiconDecoder`` (settings + ``fit(sp,
     transcripts)``) or as that factory; both take the same settings, and the folder keeps the factory, which
-    depends on nothing but :mod:`lobes.decoding`.
+    depends on nothing but :mod:`lobes.decoding`. An ``lm_path`` becomes ``lm: !ref <word_lm>``, the folder's
+    copy of the file (``word_lm.ckpt``).
     """
     import ruamel.yaml
 
@@ -284,19 +298,29 @@ def _beam_node(node: Any, where: Path) -> Any:
     odd = [k for k, v in settings.items() if not isinstance(v, (int, float, str, bool)) or v is None]
     if odd:
         raise PretrainedError(f"{where}: test_decoder settings {odd} are not plain values")
+    lm_path = settings.pop("lm_path", None)
+    if lm_path:
+        lm_path = Path(lm_path)
+        if not lm_path.is_file():
+            raise PretrainedError(f"{where}: test_decoder lm_path {lm_path}: no such file (expected an ARPA file)")
+        settings["lm"] = ruamel.yaml.comments.TaggedScalar(value="<word_lm>", tag="!ref")
     out = ruamel.yaml.comments.CommentedMap(settings)
     out.yaml_set_ctag(ruamel.yaml.Tag(suffix="!name:" + _BEAM_FACTORY))
-    return out
+    return out, lm_path or None
 
 
-def _hparams_text(rate: int, blank_index: int, model_node: Any, decoder_node: Any) -> str:
+def _hparams_text(rate: int, blank_index: int, model_node: Any, decoder_node: Any, word_lm: bool = False) -> str:
     """The folder's ``hyperparams.yaml``: the run's ``model`` node, the inference pieces, the pretrainer."""
     text = yaml_text({"sample_rate": rate, "blank_index": blank_index}, header=_HEADER)
     text += "\n# the model as the run built it (weights: model.ckpt)\n" + yaml_text({"model": model_node})
     text += _INFERENCE_YAML
     loadables = ["model", "tokenizer"]
     if decoder_node is not None:
-        text += _BEAM_YAML + yaml_text({"beam_decoder": decoder_node})
+        text += _BEAM_YAML
+        if word_lm:
+            text += _WORD_LM_YAML
+            loadables.append("word_lm")
+        text += yaml_text({"beam_decoder": decoder_node})
         loadables.append("transcripts")
     text += "\npretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer\n    loadables:\n"
     text += "".join(f"        {name}: !ref <{name}>\n" for name in loadables)
@@ -347,9 +371,9 @@ def package_asr_run(
     checkpoint = best_checkpoint(save, "WER", maximize=False, needs="model.ckpt")
     tokenizer_path = _pick_tokenizer(save, tree)
     blank_index = int(tree.get("blank_index", 0))
-    decoder_node = tree.get("test_decoder")
+    decoder_node, lm_path = tree.get("test_decoder"), None
     if decoder_node is not None:
-        decoder_node = _beam_node(decoder_node, results_dir / HPARAMS_FILE)
+        decoder_node, lm_path = _beam_node(decoder_node, results_dir / HPARAMS_FILE)
     sample_rate = tree.get("sample_rate")
 
     # build the model from the copied node alone, to learn its rate and check the weights
@@ -386,7 +410,7 @@ def package_asr_run(
         if decoder_node is not None:  # needed for the beam search; otherwise only counted for the README
             raise
     words = sorted({w for t in transcripts for w in t.split()})
-    hparams_text = _hparams_text(rate, blank_index, tree["model"], decoder_node)
+    hparams_text = _hparams_text(rate, blank_index, tree["model"], decoder_node, word_lm=lm_path is not None)
 
     # the folder's YAML must rebuild a model the weights fit, before anything is written
     built = load_hyperpyyaml(hparams_text)
@@ -397,16 +421,20 @@ def package_asr_run(
 
     beam_info = None
     if decoder_node is not None:
-        try:  # the folder's beam decoder must build from the packaged transcripts
-            built["beam_decoder"](sp, transcripts)
+        try:  # the folder's beam decoder must build from the packaged transcripts (and LM)
+            if lm_path is not None:
+                built["word_lm"].load(lm_path)
+            beam_decoder = built["beam_decoder"](sp, transcripts)
         except (TypeError, ValueError) as exc:
             raise PretrainedError(
                 f"the run's test_decoder does not build from its training transcripts: {exc}"
             ) from None
         settings = dict(getattr(built["beam_decoder"], "keywords", {}))
         beam_info = {
-            "words": len(words),
-            "lm_order": settings.get("lm_order", 3),
+            "words": len(beam_decoder.trie.words),
+            "lm_order": built["word_lm"].lm.order if lm_path else settings.get("lm_order", 3),
+            "lm_file": lm_path.name if lm_path else None,
+            "spelling_order": settings.get("spelling_order", 0),
             "settings": {k: v for k, v in settings.items() if isinstance(v, (int, float, str, bool))},
             "transcripts_from": transcripts_source,
         }
@@ -434,6 +462,8 @@ def package_asr_run(
     writer.add_file("tokenizer.ckpt", tokenizer_path)
     if decoder_node is not None:
         writer.add_text("transcripts.ckpt", "".join(t + "\n" for t in transcripts), check_paths=False)
+        if lm_path is not None:
+            writer.add_file("word_lm.ckpt", lm_path)
         writer.add_text("custom.py", _CUSTOM_PY)
     writer.add_text("README.md", _readme(info, Path(out_dir).name), forbidden=[results_dir])
     return writer.commit(info)

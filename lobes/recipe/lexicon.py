@@ -1,13 +1,15 @@
-"""The ASR recipe's test-time decoder: a lexicon + word-LM CTC beam search built from the training transcripts.
+"""The ASR recipe's test-time decoder: a CTC beam search over the training words and new words, with a word LM.
 
 Example
 -------
->>> decoder = TranscriptLexiconDecoder(lm_order=3, beam_size=16)
+>>> decoder = TranscriptLexiconDecoder(lm_order=3, spelling_order=4, beam_size=16)
 >>> decoder.decoder is None  # until fit(sp, transcripts)
 True
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -15,7 +17,8 @@ __all__ = ["TranscriptLexiconDecoder"]
 
 
 class TranscriptLexiconDecoder:
-    """A :class:`lobes.decoding.CTCLexiconDecoder` whose lexicon and word LM come from the training transcripts.
+    """A :class:`lobes.decoding.CTCLexiconDecoder` whose lexicon, word LM and spelling model come from the
+    training transcripts (or whose word LM is an ARPA file).
 
     Built in the YAML with the decoding settings; ``train.py`` gives it the tokenizer and the transcripts with
     :meth:`fit` once they exist, then calls it like the decoder: ``decoder(log_probs, lengths)``.
@@ -23,9 +26,16 @@ class TranscriptLexiconDecoder:
     Arguments
     ---------
     lm_order : int
-        Order of the word n-gram LM (0: lexicon only, no LM).
+        Order of the word n-gram LM estimated on the transcripts (0: lexicon only, no LM).
+    spelling_order : int
+        Order of the n-gram model over the tokens of a word that spells words absent from the lexicon
+        (0: closed vocabulary, only lexicon words).
+    lm_path : str, optional
+        An ARPA file (plain or ``.gz``, e.g. LibriSpeech's ``3-gram.arpa.gz``) to use as the word LM instead;
+        the lexicon is then its words that the tokenizer can spell.
     **decoder_options
-        Passed to ``CTCLexiconDecoder`` (``lm_weight``, ``word_bonus``, ``beam_size``, ``blank_index``, ...).
+        Passed to ``CTCLexiconDecoder`` (``lm_weight``, ``word_bonus``, ``unk_score``, ``spelling_weight``,
+        ``beam_size``, ``blank_index``, ...).
 
     Example
     -------
@@ -39,19 +49,39 @@ class TranscriptLexiconDecoder:
     ['A', 'AB', 'B', 'BA']
     """
 
-    def __init__(self, lm_order: int = 3, **decoder_options):
+    def __init__(self, lm_order: int = 3, spelling_order: int = 0, lm_path: str | None = None, **decoder_options):
         if lm_order < 0:
             raise ValueError(f"lm_order must be >= 0 (0: no LM); got {lm_order}")
+        if spelling_order < 0:
+            raise ValueError(f"spelling_order must be >= 0 (0: closed vocabulary); got {spelling_order}")
+        if lm_path and not Path(lm_path).is_file():
+            raise FileNotFoundError(
+                f"lm_path {lm_path}: no such file; expected an ARPA language model (.arpa or .arpa.gz)"
+            )
         self.lm_order = int(lm_order)
+        self.spelling_order = int(spelling_order)
+        self.lm_path = str(lm_path) if lm_path else None
         self.decoder_options = decoder_options
         self.decoder = None
 
     def fit(self, sp, transcripts) -> TranscriptLexiconDecoder:
-        """Build the lexicon (spelled by the SentencePiece processor ``sp``) and the LM from ``transcripts``."""
+        """Build the lexicon (spelled by the SentencePiece processor ``sp``), the LM and the spelling model from
+        ``transcripts`` (or read the LM from ``lm_path``).
+
+        Raises
+        ------
+        lobes.lm.ArpaError
+            ``lm_path`` is not a well-formed ARPA file.
+        """
         from lobes.decoding import CTCLexiconDecoder
 
         self.decoder = CTCLexiconDecoder.from_sentencepiece(
-            sp, transcripts, lm_order=self.lm_order, **self.decoder_options
+            sp,
+            transcripts,
+            lm_order=self.lm_order,
+            lm_path=self.lm_path,
+            spelling_order=self.spelling_order,
+            **self.decoder_options,
         )
         return self
 
