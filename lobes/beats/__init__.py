@@ -4,8 +4,9 @@
 check of a checkpoint's cfg against its weights; ``lobes.beats.model`` the encoder; ``lobes.beats.pooling``
 the token masks, pooling modules and the tagging utility; ``lobes.beats.loading`` the model and layer
 choice of the commands; ``lobes.beats.labels`` class names; ``lobes.beats.tokenizer`` the acoustic tokenizer
-(BEATs backbone + ``quantize_layer`` + the normalised EMA codebook of ``lobes.beats.quantizer``). Everything
-is importable from ``lobes.beats``.
+(BEATs backbone + ``quantize_layer`` + the normalised EMA codebook of ``lobes.beats.quantizer``) and the
+random-projection tokenizer; ``lobes.beats.pretraining`` masked token prediction and tokenizer distillation
+(``recipes/BEATsPretrain``). Everything but ``lobes.beats.pretraining`` is importable from ``lobes.beats``.
 """
 
 from lobes.beats.checkpoint import (

@@ -27,17 +27,29 @@ from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lobes.beats.checkpoint import BEATsCheckpointError, check_config_against_weights, load_checkpoint
 from lobes.beats.config import BEATsConfig
-from lobes.beats.model import FBANK_MEAN, FBANK_STD, BEATs
-from lobes.beats.pooling import token_padding_mask
+from lobes.beats.model import FBANK_MEAN, FBANK_STD, BEATs, _check_input
+from lobes.beats.pooling import NUM_MEL_BINS, token_padding_mask
 from lobes.beats.quantizer import NormEMAVectorQuantizer
 from lobes.checkpoints import state_dict_mismatches
+from lobes.features import kaldi_fbank
 from lobes.io import atomic_save
 
-__all__ = ["PAD_TOKEN_ID", "BEATsTokenizer", "TokenizerOutput", "Tokens", "TokenizersConfig"]
+__all__ = [
+    "PAD_TOKEN_ID",
+    "RANDOM_PROJECTION",
+    "BEATsTokenizer",
+    "RandomProjectionTokenizer",
+    "TokenizerOutput",
+    "Tokens",
+    "TokenizersConfig",
+    "load_tokenizer",
+    "normalised_fbank",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +248,39 @@ class BEATsTokenizer(BEATs):
         padding_mask = token_padding_mask(wav, wav_lens, self.cfg.input_patch_size)  # (B, T)
         return self.quantize_layer(feats), padding_mask
 
+    def forward_fbank(self, fbank: Tensor, padding_mask: Tensor) -> TokenizerOutput:
+        """:meth:`forward` from a normalised filterbank (shared with a model being pre-trained).
+
+        Arguments
+        ---------
+        fbank : torch.Tensor
+            ``(B, frames, 128)`` normalised filterbank (:meth:`lobes.beats.BEATs.preprocess`).
+        padding_mask : torch.Tensor
+            ``(B, T)`` token padding mask (``True`` = padded), :func:`lobes.beats.token_padding_mask`.
+
+        Returns
+        -------
+        TokenizerOutput
+            As :meth:`forward`.
+        """
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
+            key_padding = padding_mask if bool(padding_mask.any()) else None
+            (feats,) = self.encode_fbank(fbank, padding_mask, key_padding)  # (B, T, C)
+            out = self.quantize(self.quantize_layer(feats), padding_mask)
+        return TokenizerOutput(out.ids.masked_fill(padding_mask, PAD_TOKEN_ID), padding_mask, out.quantized, out.loss)
+
+    def tokenize_fbank(self, fbank: Tensor, padding_mask: Tensor) -> Tensor:
+        """Token ids ``(B, T)`` of a normalised filterbank ``(B, frames, 128)``; no gradients or codebook updates.
+
+        :data:`PAD_TOKEN_ID` where ``padding_mask`` ``(B, T)`` is ``True``.
+        """
+        self.quantize.require_codebook()
+        with torch.no_grad():
+            key_padding = padding_mask if bool(padding_mask.any()) else None
+            (feats,) = self.encode_fbank(fbank, padding_mask, key_padding)  # (B, T, C)
+            ids = self.quantize.nearest(self.quantize_layer(feats))  # (B, T)
+        return ids.masked_fill(padding_mask, PAD_TOKEN_ID)
+
     def forward(
         self, wav: Tensor, wav_lens: Tensor | None = None, fbank_mean: float = FBANK_MEAN, fbank_std: float = FBANK_STD
     ) -> TokenizerOutput:
@@ -289,3 +334,145 @@ class BEATsTokenizer(BEATs):
             z, padding_mask = self._quantizer_input(wav, wav_lens, fbank_mean, fbank_std)
             ids = self.quantize.nearest(z)  # (B, T)
         return Tokens(ids.masked_fill(padding_mask, PAD_TOKEN_ID), padding_mask)
+
+
+RANDOM_PROJECTION = "random_projection"
+"""``cfg["tokenizer"]`` of a :class:`RandomProjectionTokenizer` checkpoint."""
+
+
+class RandomProjectionTokenizer(nn.Module):
+    """The frozen random-projection tokenizer of BEATs' first iteration (arXiv 2212.09058, section 3.1).
+
+    Each 16x16 patch of the normalised filterbank (flattened, ``p * p`` values, the same patches and token
+    order as :meth:`lobes.beats.BEATs.embed_patches`) is projected by a random matrix ``W`` and takes the id
+    of the random unit code of highest cosine similarity: ``argmin_i ||l2(v_i) - l2(W x)||``. Neither ``W``
+    nor the codes are ever trained; both follow from ``seed``.
+
+    Checkpoints are ``{"cfg": {"tokenizer": "random_projection", "input_patch_size", "quant_n",
+    "quant_dim", "seed"}, "model": {"projection", "codebook"}}`` (:meth:`save_checkpoint`,
+    :func:`load_tokenizer`).
+
+    Arguments
+    ---------
+    quant_n : int
+        Number of codes.
+    quant_dim : int
+        Size of the projected vectors and codes.
+    input_patch_size : int
+        Patch size in frames and mel bins (16 in BEATs).
+    seed : int
+        Seed of the projection and the codebook.
+
+    Example
+    -------
+    >>> rp = RandomProjectionTokenizer(quant_n=64, quant_dim=16)
+    >>> ids, padding_mask = rp.tokenize(torch.randn(2, 16000), torch.tensor([1.0, 0.6]))
+    >>> ids.shape, int(padding_mask.sum()), bool((ids[0] >= 0).all())
+    (torch.Size([2, 48]), 24, True)
+    """
+
+    def __init__(self, quant_n: int = 1024, quant_dim: int = 16, input_patch_size: int = 16, seed: int = 0) -> None:
+        super().__init__()
+        if quant_n < 1 or quant_dim < 1:
+            raise ValueError(f"quant_n and quant_dim must be >= 1, got {quant_n} and {quant_dim}")
+        if input_patch_size < 1 or NUM_MEL_BINS % input_patch_size:
+            raise ValueError(f"input_patch_size must divide {NUM_MEL_BINS}, got {input_patch_size}")
+        self.cfg = {
+            "tokenizer": RANDOM_PROJECTION,
+            "input_patch_size": int(input_patch_size),
+            "quant_n": int(quant_n),
+            "quant_dim": int(quant_dim),
+            "seed": int(seed),
+        }
+        g = torch.Generator().manual_seed(int(seed))
+        patch = input_patch_size * input_patch_size
+        # Xavier-normal projection and unit codes, as the paper initialises them
+        self.register_buffer(
+            "projection", torch.randn(patch, quant_dim, generator=g) * (2.0 / (patch + quant_dim)) ** 0.5
+        )
+        self.register_buffer("codebook", F.normalize(torch.randn(quant_n, quant_dim, generator=g), dim=-1))
+
+    @property
+    def quant_n(self) -> int:
+        """Number of codes."""
+        return self.cfg["quant_n"]
+
+    def patches(self, fbank: Tensor) -> Tensor:
+        """``(B, frames, 128)`` -> flattened patches ``(B, T, p * p)``, time-major (``T = t * 8 + f``)."""
+        p = self.cfg["input_patch_size"]
+        B, n_frames, n_bins = fbank.shape
+        t, f = n_frames // p, n_bins // p
+        x = fbank[:, : t * p].float().reshape(B, t, p, f, p)  # (B, t, p_time, f, p_freq)
+        return x.permute(0, 1, 3, 2, 4).reshape(B, t * f, p * p)  # (B, T, p*p)
+
+    def tokenize_fbank(self, fbank: Tensor, padding_mask: Tensor) -> Tensor:
+        """Token ids ``(B, T)`` of a normalised filterbank; :data:`PAD_TOKEN_ID` where ``padding_mask`` is True."""
+        with torch.no_grad(), torch.autocast(fbank.device.type, enabled=False):
+            z = F.normalize(self.patches(fbank) @ self.projection, dim=-1)  # (B, T, quant_dim)
+            ids = (z @ self.codebook.T).argmax(dim=-1)  # (B, T) max cosine = nearest unit code
+        return ids.masked_fill(padding_mask, PAD_TOKEN_ID)
+
+    def tokenize(
+        self, wav: Tensor, wav_lens: Tensor | None = None, fbank_mean: float = FBANK_MEAN, fbank_std: float = FBANK_STD
+    ) -> Tokens:
+        """Token ids of a batch, as :meth:`BEATsTokenizer.tokenize` (same input checks, same padding rule)."""
+        wav, wav_lens = _check_input(wav, wav_lens, self.cfg["input_patch_size"])
+        padding_mask = token_padding_mask(wav, wav_lens, self.cfg["input_patch_size"])  # (B, T)
+        return Tokens(self.tokenize_fbank(normalised_fbank(wav, fbank_mean, fbank_std), padding_mask), padding_mask)
+
+    def save_checkpoint(self, path: str | os.PathLike) -> Path:
+        """Write ``{"cfg", "model"}`` atomically; :func:`load_tokenizer` reads it back."""
+        state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
+        return atomic_save({"cfg": dict(self.cfg), "model": state}, path)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike) -> "RandomProjectionTokenizer":
+        """Load a file written by :meth:`save_checkpoint` (every key and shape checked)."""
+        ckpt = load_checkpoint(path)
+        cfg = dict(ckpt["cfg"])
+        if cfg.pop("tokenizer", None) != RANDOM_PROJECTION:
+            raise BEATsCheckpointError(
+                f"{path}: not a random-projection tokenizer (cfg tokenizer != {RANDOM_PROJECTION!r})"
+            )
+        try:
+            tokenizer = cls(**cfg)
+        except TypeError as exc:
+            raise BEATsCheckpointError(f"{path}: bad random-projection tokenizer cfg {cfg}: {exc}") from None
+        problems = state_dict_mismatches(tokenizer.state_dict(), ckpt["model"])
+        if problems:
+            raise BEATsCheckpointError(f"{path}: does not match its cfg: " + " | ".join(problems))
+        tokenizer.load_state_dict(ckpt["model"], strict=True)
+        return tokenizer
+
+
+def normalised_fbank(wav: Tensor, fbank_mean: float = FBANK_MEAN, fbank_std: float = FBANK_STD) -> Tensor:
+    """BEATs' input features: the normalised 128-bin Kaldi fbank of ``wav * 2**15``, ``(B, N)`` -> ``(B, frames, 128)``.
+
+    The same computation as :meth:`lobes.beats.BEATs.preprocess`, for modules without a BEATs encoder.
+    """
+    fbank = kaldi_fbank(
+        wav.float() * 2**15, num_mel_bins=NUM_MEL_BINS, sample_frequency=16000.0, frame_length=25.0, frame_shift=10.0
+    )
+    return (fbank - fbank_mean) / (2 * fbank_std)
+
+
+def load_tokenizer(
+    path: str | os.PathLike, device: torch.device | str | None = None
+) -> BEATsTokenizer | RandomProjectionTokenizer:
+    """Load a frozen tokenizer checkpoint of either kind: Microsoft's layout (:class:`BEATsTokenizer`) or a
+    :class:`RandomProjectionTokenizer` (``cfg["tokenizer"] == "random_projection"``).
+
+    Example
+    -------
+    >>> import tempfile, os
+    >>> path = RandomProjectionTokenizer(quant_n=8).save_checkpoint(os.path.join(tempfile.mkdtemp(), "rp.pt"))
+    >>> type(load_tokenizer(path)).__name__
+    'RandomProjectionTokenizer'
+    """
+    ckpt = load_checkpoint(path)
+    if isinstance(ckpt.get("cfg"), Mapping) and ckpt["cfg"].get("tokenizer") == RANDOM_PROJECTION:
+        tokenizer = RandomProjectionTokenizer.from_checkpoint(path)
+    else:
+        tokenizer = BEATsTokenizer(ckp_path=path, freeze=True)
+    tokenizer.eval()
+    return tokenizer.to(device) if device is not None else tokenizer
