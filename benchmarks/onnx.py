@@ -11,6 +11,11 @@ the BEATs features or the share of equal best-path tokens of the ASR model.
 
     python benchmarks/onnx.py            # full run (on an otherwise idle machine; sets its own thread counts)
     python benchmarks/onnx.py --quick    # smoke test: tiny models, 2 s clip
+    python benchmarks/onnx.py --streaming [--quick]  # only the streaming model: per-chunk latency, 1 thread
+
+``--streaming``: the small streaming HyperConformer (``hparams/hyperconformer_streaming_small.yaml``, random
+weights) fed the clip in 320 ms chunks, torch (:class:`lobes.streaming.StreamingASR`) against its chunk-step
+graph in onnxruntime (:class:`lobes.onnx.streaming.OnnxStreamingASR`), 1 thread: the median time per chunk.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 ASR_PRESET = ROOT / "hparams" / "hyperconformer_small.yaml"
+STREAMING_PRESET = ROOT / "hparams" / "hyperconformer_streaming_small.yaml"
+STREAM_CHUNK = 8  # encoder frames of 40 ms: 320 ms
 TINY_BEATS = {
     "encoder_layers": 2,
     "encoder_embed_dim": 64,
@@ -56,14 +63,14 @@ def _clip(seconds: float):
     return (0.1 * rng.standard_normal(int(seconds * 16000))).astype(np.float32)
 
 
-def _asr_model(quick: bool):
+def _asr_model(quick: bool, preset: Path = ASR_PRESET):
     import torch
     from hyperpyyaml import load_hyperpyyaml
 
     overrides = {"vocab_size": 40}
     if quick:
         overrides.update(d_model=32, d_ffn=64, nhead=2, num_encoder_layers=1, frontend_channels=[8, 8])
-    with open(ASR_PRESET) as f:
+    with open(preset) as f:
         model = load_hyperpyyaml(f, overrides)["model"]
     torch.manual_seed(0)
     with torch.no_grad():  # random weights everywhere (no LayerNorm left at 1 / 0)
@@ -125,6 +132,97 @@ def setup_onnx(path: str, seconds: float, threads: int):
     model = OnnxModel(path, threads=threads)
     wav = [_clip(seconds)]
     return lambda: _onnx_call(model, wav)
+
+
+def setup_torch_stream(state: str, quick: bool, seconds: float):
+    import torch
+
+    model = _asr_model(quick, STREAMING_PRESET)
+    model.load_state_dict(torch.load(state, weights_only=True))
+    pieces = torch.from_numpy(_clip(seconds)).split(STREAM_CHUNK * model.frame_samples)
+
+    def step():
+        stream = model.stream(STREAM_CHUNK)
+        for piece in pieces:
+            stream.accept(piece)
+        stream.finish()
+
+    return step
+
+
+def setup_onnx_stream(path: str, seconds: float, threads: int):
+    from lobes.onnx.runtime import OnnxModel
+    from lobes.onnx.streaming import OnnxStreamingASR
+
+    model = OnnxModel(path, threads=threads)
+    wav = _clip(seconds)
+    size = int(model.meta["chunk_samples"])
+
+    def step():
+        stream = OnnxStreamingASR(model, tokenizer=False)
+        for start in range(0, len(wav), size):
+            stream.accept(wav[start : start + size])
+        stream.finish()
+
+    return step
+
+
+def _prepare_streaming(tmp: Path, quick: bool, seconds: float) -> dict:
+    """The streaming model's state dict and chunk-step export; the clip's number of encoder chunks and the
+    largest difference of the log-probabilities, onnxruntime vs torch streaming."""
+    import torch
+
+    from lobes.onnx.export import export_streaming_model
+    from lobes.onnx.runtime import OnnxModel
+    from lobes.onnx.streaming import stream_log_probs
+
+    model = _asr_model(quick, STREAMING_PRESET)
+    torch.save(model.state_dict(), tmp / "stream.pt")
+    path = export_streaming_model(model, tmp / "stream.onnx", STREAM_CHUNK)
+    onnx_model = OnnxModel(path, threads=1)
+    [got], _ = stream_log_probs(onnx_model.session, onnx_model.meta, [_clip(seconds)])
+    stream = model.stream(STREAM_CHUNK)
+    pieces = torch.from_numpy(_clip(seconds)).split(int(onnx_model.meta["chunk_samples"]))
+    ref = torch.cat([stream.accept(p).log_probs for p in pieces] + [stream.finish().log_probs], dim=1)[0].numpy()
+    return {
+        "torch": str(tmp / "stream.pt"),
+        "onnx": str(path),
+        "params": sum(p.numel() for p in model.parameters()),
+        "chunks": -(-got.shape[0] // STREAM_CHUNK),  # encoder chunks of the clip
+        "max_abs_diff": float(abs(got - ref).max()),
+    }
+
+
+def streaming_main(quick: bool, repeats: int) -> int:
+    """``--streaming``: per-chunk latency of the streaming model, torch vs onnxruntime, 1 thread."""
+    seconds = 2.0 if quick else 10.0
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            prepared = pool.submit(_prepare_streaming, tmp, quick, seconds).result()
+        torch_r = measure(setup_torch_stream, prepared["torch"], quick, seconds, repeats=repeats, warmup=1, threads=1)
+        onnx_r = measure(setup_onnx_stream, prepared["onnx"], seconds, 1, repeats=repeats, warmup=1, threads=1)
+    rows, results = [], []
+    for backend, r in (("torch", torch_r), ("onnx_fp32", onnx_r)):
+        if not r.get("ok"):
+            logger.error("streaming %s failed: %s", backend, r.get("error"))
+            return 1
+        per_chunk = r["time_s"] / prepared["chunks"]
+        results.append({"backend": backend, "clip_s": r["time_s"], "per_chunk_ms": 1000 * per_chunk})
+        rows.append(
+            {
+                "model": "asr_streaming",
+                "thr": 1,
+                "backend": backend,
+                "ms / 320 ms chunk": fmt(1000 * per_chunk, ".2f"),
+                "x torch": fmt(ratio(torch_r["time_s"], r["time_s"]), ".2f"),
+                "max diff": fmt(prepared["max_abs_diff"] if backend != "torch" else None, ".2g"),
+            }
+        )
+    table = print_table(rows, list(rows[0]))
+    payload = {"seconds": seconds, "repeats": repeats, "params": prepared["params"], "chunks": prepared["chunks"]}
+    write_json("onnx_streaming_quick" if quick else "onnx_streaming", {**payload, "results": results, "table": table})
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,8 +322,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny models, 2 s clip (smoke test)")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--streaming", action="store_true", help="only the streaming model, per chunk, 1 thread")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # the exporters' INFO steps are noise here
+    if args.streaming:
+        return streaming_main(args.quick, args.repeats or (2 if args.quick else 3))
     seconds = 2.0 if args.quick else 10.0
     repeats = args.repeats or (2 if args.quick else 3)
     rows, results = [], {}

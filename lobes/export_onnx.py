@@ -5,11 +5,14 @@ features and tag probabilities) or a pretrained folder written by ``python -m lo
 folder: CTC log-probabilities and the tokenizer; a classification folder: class probabilities and the pooled
 embedding). The graph takes the waveform and the valid sample count of each row (the fbank runs inside),
 with dynamic batch and time axes; the file holds everything the runtime needs (labels, tokenizer) and runs
-with onnxruntime alone:
+with onnxruntime alone. A streaming ASR folder gives its chunk-step graph instead (``--chunk-ms`` of audio and
+the carried state in, the chunk's CTC log-probabilities and the new state out; :mod:`lobes.onnx.streaming`):
 
     python -m lobes.export_onnx BEATs_iter3_plus_AS2M.pt beats_as2m.onnx
     python -m lobes.export_onnx results/ASR/pretrained asr.onnx --quantize int8
     python -m lobes.transcribe asr.onnx talk.wav --backend onnx
+    python -m lobes.export_onnx results/ASR/hyperconformer_streaming/1234/pretrained stream.onnx --chunk-ms 320
+    python -m lobes.transcribe stream.onnx talk.wav --streaming --backend onnx
 
 Before the file is written, onnxruntime runs the graph on batches of other lengths than the traced one and
 its outputs are compared with torch's; a model that cannot be exported exits with code 2 and says why.
@@ -53,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--label-names", default=None, help="AudioSet class_labels_indices.csv: tag names for a fine-tuned BEATs"
     )
+    parser.add_argument(
+        "--chunk-ms",
+        type=float,
+        default=None,
+        help="streaming ASR folders: the chunk of the chunk-step graph in ms, a multiple of 40 (default 320)",
+    )
     return parser
 
 
@@ -67,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from lobes.onnx.export import export_model
 
-        path = export_model(args.model, args.output, args.layer, args.quantize, args.label_names)
+        path = export_model(args.model, args.output, args.layer, args.quantize, args.label_names, args.chunk_ms)
     except (ValueError, OSError) as exc:  # ExportError, PretrainedError, BEATsCheckpointError, missing files
         logger.error("%s", exc)
         return EXIT_USAGE

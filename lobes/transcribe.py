@@ -5,6 +5,7 @@
     lobes-transcribe pretrained/asr manifest.csv --output transcripts.csv --device cuda --precision bf16
     python -m lobes.transcribe asr.onnx talk.wav --output transcripts.jsonl --backend onnx
     python -m lobes.transcribe pretrained/asr_streaming talk.wav --streaming --chunk-ms 320
+    python -m lobes.transcribe asr_streaming.onnx talk.wav --streaming --backend onnx
 
 ``INPUTS`` are audio files (any format soundfile reads, any rate, any channel count), folders (searched
 recursively) or CSV files with a ``wav`` column. Each good input gives one JSON object
@@ -14,7 +15,8 @@ Recordings longer than ``--window-seconds`` are transcribed in overlapping windo
 Inputs already in the output are skipped; exit codes 0 (all done), 1 (some inputs failed: listed, the others
 written), 2 (usage or set-up error, nothing done). See :mod:`lobes.inference.cli` for the shared options.
 ``--streaming`` (with ``--chunk-ms``, ``-`` for raw PCM on standard input) prints partial results as the audio
-arrives, for models trained for streaming (:mod:`lobes.inference.asr_streaming`).
+arrives, for models trained for streaming (:mod:`lobes.inference.asr_streaming`); with ``--backend onnx`` from
+their exported chunk-step graph, without torch (:mod:`lobes.onnx.streaming`).
 
 Example
 -------
@@ -109,9 +111,24 @@ def _load_task(args: argparse.Namespace):
     return _TranscribeTask(args)
 
 
+def _backend(argv: Sequence[str]) -> str | None:
+    """The value of ``--backend`` in ``argv`` (``--backend X`` or ``--backend=X``), None without one."""
+    found = None
+    for i, arg in enumerate(argv):
+        if arg == "--backend" and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif arg.startswith("--backend="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--streaming" in argv and _backend(argv) == "onnx":  # a chunk-step graph, onnxruntime and numpy only
+        from lobes.onnx.streaming import main as onnx_streaming_main
+
+        return onnx_streaming_main(argv)
     if "--streaming" in argv:  # live partial results, chunk by chunk (lobes.inference.asr_streaming)
         from lobes.inference.asr_streaming import main as streaming_main
 

@@ -119,6 +119,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--realtime", action="store_true", help="read no faster than real time")
     parser.add_argument("--output", help="also write the final results to this .jsonl file")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
+    parser.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "onnx"),
+        help="torch (default): a pretrained folder; onnx: a chunk-step .onnx file (python -m lobes.export_onnx "
+        "FOLDER OUT.onnx --chunk-ms ...), run by onnxruntime without torch (lobes.onnx.streaming)",
+    )
     return parser
 
 
@@ -132,6 +139,10 @@ def main(
 ) -> int:
     """Command-line entry point; returns the exit code."""
     args = _parser().parse_args(argv)
+    if args.backend == "onnx":  # python -m lobes.transcribe dispatches it before torch is imported
+        from lobes.onnx.streaming import main as onnx_main
+
+        return onnx_main(argv, stdin=stdin, stdout=stdout)
     stdout = stdout or sys.stdout
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:

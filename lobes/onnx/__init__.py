@@ -6,7 +6,11 @@
   (what the model is, its labels or tokenizer), an int8 variant, a parity check against torch;
 * :mod:`lobes.onnx.runtime` (numpy + onnxruntime, no torch): loading an exported file and running it;
 * :mod:`lobes.onnx.tasks` (no torch): what ``--backend onnx`` of the transcribe / classify / extract
-  commands runs.
+  commands runs;
+* :mod:`lobes.onnx.streaming_graph` (torch): the chunk-step graph of a streaming HyperConformer (a chunk of
+  audio and the carried state in, the chunk's CTC log-probabilities and the new state out);
+* :mod:`lobes.onnx.streaming` (no torch): running it chunk by chunk, and ``--streaming --backend onnx`` of the
+  transcribe command.
 
 ``python -m lobes.export_onnx MODEL OUT.onnx`` is the command. Importing this package imports neither torch
 nor onnxruntime.

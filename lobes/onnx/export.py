@@ -41,6 +41,7 @@ from lobes.onnx.runtime import FORMAT_VERSION, META_PREFIX
 
 __all__ = [
     "CHECK_TOLERANCE",
+    "DEFAULT_CHUNK_MS",
     "EXPORTERS",
     "QUANTIZATIONS",
     "ExportError",
@@ -49,6 +50,8 @@ __all__ = [
     "export_classifier",
     "export_graph",
     "export_model",
+    "export_streaming_asr",
+    "export_streaming_model",
     "quantize",
 ]
 
@@ -72,7 +75,13 @@ def _trace(graph: nn.Module, args: tuple, inputs: list[str], outputs: list[str],
     batch = torch.export.Dim("batch", min=1, max=4096)
     samples = torch.export.Dim("samples", min=int(args[0].shape[1]) // 8, max=MAX_SAMPLES)
     axes = {"batch": batch, "samples": samples}
-    shapes = tuple(None if d is None else {i: axes[name] for i, name in d.items()} for d in dynamic)
+
+    def dims(d):  # a tuple groups the dynamic axes of a ``*args`` parameter (the state of a chunk step)
+        if isinstance(d, tuple):
+            return tuple(dims(x) for x in d)
+        return None if d is None else {i: axes[name] for i, name in d.items()}
+
+    shapes = tuple(dims(d) for d in dynamic)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -436,10 +445,170 @@ def _fbank_tables(graph: ASRGraph) -> dict:
     }
 
 
+# --------------------------------------------------------------------------------------------------
+# the streaming HyperConformer: one chunk step, the state in and out
+# --------------------------------------------------------------------------------------------------
+DEFAULT_CHUNK_MS = 320.0
+"""Chunk of a streaming export when none is given (8 encoder frames of 40 ms)."""
+
+
+def _stream_check(model_bytes: bytes, graph: nn.Module, model: nn.Module, meta: dict, blank_index: int) -> float:
+    """Largest |onnxruntime - torch streaming| over the log-probabilities of a batch of recordings of different
+    lengths streamed chunk by chunk (the reference: :class:`lobes.streaming.StreamingASR`, one row at a time)."""
+    from lobes.onnx.streaming import stream_log_probs
+
+    S, look = graph.chunk_samples, graph.lookahead
+    rng = np.random.default_rng(0)
+    lengths = [3 * S + look + 1, S + 17, look, S - look]  # past several chunks, one, within the first call
+    waves = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in lengths]
+    got, _ = stream_log_probs(_session(model_bytes), meta, waves)
+    worst = 0.0
+    for wav, out in zip(waves, got):
+        stream = model.stream(graph.chunk_frames, blank_index=blank_index)
+        steps = [stream.accept(piece) for piece in torch.from_numpy(wav).split(S)] + [stream.finish()]
+        ref = torch.cat([s.log_probs for s in steps], dim=1)[0].numpy()
+        if ref.shape != out.shape:
+            raise ExportError(
+                f"asr_streaming export: the ONNX graph gives {out.shape[0]} frames for {len(wav)} samples where "
+                f"torch streaming gives {ref.shape[0]}"
+            )
+        worst = max(worst, float(np.abs(ref.astype(np.float64) - out).max()))
+    if not worst <= CHECK_TOLERANCE:
+        raise ExportError(
+            f"asr_streaming export: onnxruntime differs from torch streaming by {worst:.3g} (> {CHECK_TOLERANCE}); "
+            "the graph is not written"
+        )
+    return worst
+
+
+def export_streaming_model(
+    model: nn.Module,
+    out: str | os.PathLike,
+    chunk_frames: int,
+    blank_index: int = 0,
+    tokenizer_proto: bytes | None = None,
+    quantization: str | None = None,
+    source: str | None = None,
+) -> Path:
+    """Export the chunk step of a streaming :class:`lobes.asr.ASRModel` (:class:`StreamingASRGraph`).
+
+    The graph is checked before the file is written: recordings of several lengths streamed through
+    onnxruntime chunk by chunk (a batch, each row ending on its own) must give the log-probabilities of
+    :class:`lobes.streaming.StreamingASR` (:data:`CHECK_TOLERANCE`).
+
+    Arguments
+    ---------
+    model : lobes.asr.ASRModel
+        A streaming model with chunk-causal HyperMixing layers.
+    out : path
+        The ``.onnx`` file to write (atomically).
+    chunk_frames : int
+        Encoder frames per chunk (fixed in the graph).
+    blank_index : int
+        The CTC blank.
+    tokenizer_proto : bytes, optional
+        The serialized SentencePiece model, kept in the metadata.
+    quantization : str, optional
+        ``"int8"`` for the dynamically quantized variant (written after the fp32 graph passed its check).
+    source : str, optional
+        Name of what was exported, for the metadata.
+
+    Returns
+    -------
+    Path
+        ``out``.
+    """
+    from lobes.onnx.streaming import KIND
+    from lobes.onnx.streaming_graph import StreamingASRGraph
+
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ExportError(f"quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
+    model = model.eval()
+    graph = StreamingASRGraph(model, chunk_frames, blank_index)
+    spec = graph.state_spec()
+    names = [name for name, _, _ in spec]
+    inputs = ["chunk", "lengths", *names]
+    outputs = ["log_probs", "frames", *(f"new_{name}" for name in names)]
+    rate = int(model.sample_rate)
+    meta = {
+        "kind": KIND,
+        "sample_rate": rate,
+        "min_samples": 1,
+        "blank_index": blank_index,
+        "vocab_size": int(model.ctc_lin.out_features),
+        "frame_samples": graph.frame_samples,
+        "chunk_frames": graph.chunk_frames,
+        "chunk_samples": graph.chunk_samples,
+        "chunk_ms": 1000.0 * graph.chunk_samples / rate,
+        "lookahead": graph.lookahead,
+        "inputs": inputs,
+        "outputs": outputs,
+        "state": [
+            {"name": name, "shape": list(shape), "dtype": str(dtype).removeprefix("torch.")}
+            for name, shape, dtype in spec
+        ],
+        "tokenizer": base64.b64encode(tokenizer_proto).decode("ascii") if tokenizer_proto is not None else None,
+        "source": source,
+    }
+    args = (torch.zeros(2, graph.chunk_samples), torch.full((2,), graph.lookahead), *graph.initial_state(2))
+    batch = {0: "batch"}
+    model_bytes = _trace(graph, args, inputs, outputs, (batch, batch, tuple(batch for _ in names)))
+    diff = _stream_check(model_bytes, graph, model, meta, blank_index)
+    logger.info("asr_streaming export: onnxruntime equals torch streaming to %.2g", diff)
+    meta = {"format_version": FORMAT_VERSION, "precision": "fp32", **meta}
+    model_bytes = _with_metadata(model_bytes, meta)
+    if quantization is not None:
+        model_bytes = quantize(model_bytes, quantization)
+    return atomic_write_bytes(out, model_bytes)
+
+
+def export_streaming_asr(
+    folder: str | os.PathLike,
+    out: str | os.PathLike,
+    quantization: str | None = None,
+    chunk_ms: float | None = None,
+) -> Path:
+    """Export a streaming ASR folder (``python -m lobes.package`` of a streaming recipe run) as a chunk-step
+    graph: ``chunk_ms`` of audio (default :data:`DEFAULT_CHUNK_MS`) and the state in, the chunk's CTC
+    log-probabilities and the new state out (see :mod:`lobes.onnx.streaming_graph`)."""
+    from lobes.chunking import ms_to_frames
+    from lobes.inference.asr import Transcriber
+    from lobes.onnx.streaming_graph import streaming_export_problems
+
+    transcriber = Transcriber.from_pretrained(folder, device="cpu")
+    encoder = transcriber.encoder
+    model = encoder.model
+    problems = streaming_export_problems(model)
+    if problems:
+        raise ExportError(
+            f"{folder} is not a streaming model, so it has no chunk-step graph ({'; '.join(problems)}); export it "
+            "without --chunk-ms for the whole-utterance graph"
+        )
+    chunk_ms = DEFAULT_CHUNK_MS if chunk_ms is None else float(chunk_ms)
+    frame_ms = 1000.0 * model.frame_samples / model.sample_rate
+    try:
+        chunk = ms_to_frames(chunk_ms, frame_ms)
+    except ValueError as exc:
+        raise ExportError(f"--chunk-ms {chunk_ms:g}: {exc}") from None
+    proto = transcriber.tokenizer.serialized_model_proto()
+    return export_streaming_model(
+        model, out, chunk, encoder.blank_index, proto, quantization=quantization, source=Path(folder).name
+    )
+
+
+def _is_streaming_folder(folder: Path) -> bool:
+    """Whether an ASR folder's model streams (its hyperparams build a streamable model)."""
+    from lobes.inference.asr import Transcriber
+    from lobes.onnx.streaming_graph import streaming_export_problems
+
+    return not streaming_export_problems(Transcriber.from_pretrained(folder, device="cpu").encoder.model)
+
+
 EXPORTERS: dict[str, Callable[..., Path]] = {"asr": export_asr, "classification": export_classifier}
+EXPORTERS["asr_streaming"] = export_streaming_asr
 """Exporter of each pretrained-folder ``kind`` (``package.json``): ``exporter(folder, out, quantization=None)``.
-A model family with another kind (the streaming HyperConformer, whose graph takes and returns the carried
-state of each chunk) registers its exporter here."""
+``asr_streaming`` is the chunk-step graph of a streaming ASR folder (``kind`` ``asr`` whose model streams;
+``exporter(folder, out, quantization=None, chunk_ms=None)``), chosen by :func:`export_model`."""
 
 
 def export_model(
@@ -448,8 +617,12 @@ def export_model(
     layer: int | str | None = None,
     quantization: str | None = None,
     label_names: str | os.PathLike | None = None,
+    chunk_ms: float | None = None,
 ) -> Path:
     """Export what ``python -m lobes.export_onnx`` is given: a BEATs checkpoint file or a pretrained folder.
+
+    A streaming ASR folder is exported as its chunk-step graph (chunks of ``chunk_ms``, default
+    :data:`DEFAULT_CHUNK_MS`); ``chunk_ms`` for any other source is an error.
 
     Raises
     ------
@@ -463,6 +636,8 @@ def export_model(
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ExportError(f"quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
     if source.is_file():
+        if chunk_ms is not None:
+            raise ExportError(f"--chunk-ms {chunk_ms:g}: only for a streaming ASR folder, not a BEATs checkpoint")
         names = None
         if label_names is not None:
             from lobes.beats import read_audioset_names
@@ -473,11 +648,16 @@ def export_model(
         raise ExportError(f"{source}: no such file or folder; expected a BEATs checkpoint or a pretrained folder")
     manifest = read_manifest(source)
     kind = manifest.get("kind")
-    if kind not in EXPORTERS:
+    if kind not in EXPORTERS or kind == "asr_streaming":
+        folder_kinds = sorted(k for k in EXPORTERS if k != "asr_streaming")
         raise ExportError(
-            f"{source} holds a {kind!r} model; ONNX export exists for {', '.join(sorted(EXPORTERS))} folders "
+            f"{source} holds a {kind!r} model; ONNX export exists for {', '.join(folder_kinds)} folders "
             "and BEATs checkpoints"
         )
     if layer not in (None, "last"):
         raise ExportError(f"--layer {layer}: only for a BEATs checkpoint; a {kind} folder has one output layer")
+    if kind == "asr" and (chunk_ms is not None or _is_streaming_folder(source)):
+        return EXPORTERS["asr_streaming"](source, out, quantization=quantization, chunk_ms=chunk_ms)
+    if chunk_ms is not None:
+        raise ExportError(f"--chunk-ms {chunk_ms:g}: only for a streaming ASR folder, not a {kind} folder")
     return EXPORTERS[kind](source, out, quantization=quantization)

@@ -31,7 +31,7 @@ __all__ = ["FORMAT_VERSION", "META_PREFIX", "OnnxModel", "OnnxModelError", "asr_
 META_PREFIX = "lobes."
 """Prefix of the metadata keys the exporter writes."""
 FORMAT_VERSION = 1
-KINDS = ("beats", "classification", "asr")
+KINDS = ("beats", "classification", "asr", "asr_streaming")
 
 
 class OnnxModelError(UsageError):
@@ -103,7 +103,7 @@ class OnnxModel:
 
     @property
     def kind(self) -> str:
-        """``beats``, ``classification`` or ``asr``."""
+        """``beats``, ``classification``, ``asr`` or ``asr_streaming`` (a chunk-step graph)."""
         return self.meta["kind"]
 
     @property

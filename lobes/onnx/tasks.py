@@ -64,6 +64,8 @@ class OnnxTranscriber:
     """
 
     def __init__(self, model: OnnxModel, window_seconds: float = 30.0, context_seconds: float = 5.0) -> None:
+        if model.kind == "asr_streaming":
+            raise UsageError(f"{model.path} is the chunk-step graph of a streaming model; use it with --streaming")
         if model.kind != "asr":
             raise UsageError(f"{model.path} holds a {model.kind!r} model; transcription needs an exported ASR model")
         self.model = model
