@@ -436,22 +436,7 @@ class ConformerEncoder(EncoderStack):
         chunk = _as_chunk(chunk)
         if chunk is None:
             return super().forward(src, src_mask, src_key_padding_mask, pos_embs, return_attn_weights)
-        if src.dim() != 3 or src.shape[-1] != self.d_model:
-            raise ValueError(f"expected input of shape (B, T, {self.d_model}), got {tuple(src.shape)}")
-        if src_key_padding_mask is not None and src_key_padding_mask.shape != src.shape[:2]:
-            raise ValueError(
-                f"expected src_key_padding_mask of shape {tuple(src.shape[:2])}, "
-                f"got {tuple(src_key_padding_mask.shape)}"
-            )
-        if pos_embs is None and self.pos_encoding is not None:
-            pos_embs = self.pos_encoding(src)
-        out = zero_padding(src, src_key_padding_mask)
-        weights = []
-        for layer in self.layers:
-            out, w = layer(out, src_mask, src_key_padding_mask, pos_embs, return_attn_weights, chunk=chunk)
-            if return_attn_weights:
-                weights.append(w)
-        return self.norm(out), weights
+        return self.run_layers(src, src_mask, src_key_padding_mask, pos_embs, return_attn_weights, chunk=chunk)
 
     def forward_chunk(
         self,

@@ -437,6 +437,18 @@ class EncoderStack(nn.Module):
             (B, T, D) output (padded frames are zero before the final norm) and the list of mixer weights
             (empty unless requested), like speechbrain's encoders.
         """
+        return self.run_layers(src, src_mask, src_key_padding_mask, pos_embs, return_attn_weights)
+
+    def run_layers(
+        self,
+        src: torch.Tensor,
+        src_mask: Optional[torch.Tensor],
+        src_key_padding_mask: Optional[torch.Tensor],
+        pos_embs: Optional[torch.Tensor],
+        return_attn_weights: bool,
+        **layer_kwargs,
+    ) -> tuple[torch.Tensor, list]:
+        """:meth:`forward`, with ``layer_kwargs`` (e.g. a chunk configuration) given to every layer."""
         if src.dim() != 3 or src.shape[-1] != self.d_model:
             raise ValueError(f"expected input of shape (B, T, {self.d_model}), got {tuple(src.shape)}")
         if src_key_padding_mask is not None and src_key_padding_mask.shape != src.shape[:2]:
@@ -449,7 +461,7 @@ class EncoderStack(nn.Module):
         out = zero_padding(src, src_key_padding_mask)
         weights = []
         for layer in self.layers:
-            out, w = layer(out, src_mask, src_key_padding_mask, pos_embs, return_attn_weights)
+            out, w = layer(out, src_mask, src_key_padding_mask, pos_embs, return_attn_weights, **layer_kwargs)
             if return_attn_weights:
                 weights.append(w)
         return self.norm(out), weights

@@ -17,69 +17,25 @@ convolutions, no per-utterance normalisation. Exit codes: 0 all inputs done, 1 s
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-import time
 from typing import BinaryIO, Iterator, Optional, Sequence, TextIO
 
 import numpy as np
 import torch
 
-from lobes.inputs import EXIT_FAILED_FILES, EXIT_OK, EXIT_USAGE, UsageError
+from lobes.inference.live import STDIN, check_inputs, file_pieces, follow, pcm_pieces, piece_samples, run_inputs
+from lobes.inputs import EXIT_USAGE, UsageError
 
-__all__ = ["main", "pcm_pieces", "file_pieces", "transcribe_stream"]
+__all__ = ["STDIN", "file_pieces", "main", "pcm_pieces", "transcribe_stream"]  # the readers: lobes.inference.live
 
 logger = logging.getLogger(__name__)
-
-STDIN = "-"
-
-
-def pcm_pieces(stream: BinaryIO, piece_samples: int) -> Iterator[torch.Tensor]:
-    """Float samples in [-1, 1) from raw 16-bit little-endian mono PCM, ``piece_samples`` at a time (the last
-    piece may be shorter; a trailing odd byte is dropped).
-
-    Example
-    -------
-    >>> import io
-    >>> raw = np.array([0, 16384, -32768, 32767, 1], dtype="<i2").tobytes()
-    >>> [p.tolist() for p in pcm_pieces(io.BytesIO(raw), 2)]
-    [[0.0, 0.5], [-1.0, 0.999969482421875], [3.0517578125e-05]]
-    """
-    need = 2 * piece_samples
-    rest = b""
-    while True:
-        data = stream.read(need - len(rest))
-        if not data:
-            break
-        rest += data
-        if len(rest) >= need:
-            yield torch.from_numpy(np.frombuffer(rest[:need], dtype="<i2").astype(np.float32) / 32768.0)
-            rest = rest[need:]
-    usable = len(rest) - len(rest) % 2
-    if usable:
-        yield torch.from_numpy(np.frombuffer(rest[:usable], dtype="<i2").astype(np.float32) / 32768.0)
-
-
-def file_pieces(path: str, sample_rate: int, piece_samples: int) -> Iterator[torch.Tensor]:
-    """Mono float samples of an audio file at ``sample_rate``, ``piece_samples`` at a time. A file at that rate
-    is read block by block from disk (as audio would arrive); another rate is read whole and resampled."""
-    import soundfile as sf
-
-    with sf.SoundFile(path) as f:
-        if f.samplerate == sample_rate:
-            for block in f.blocks(blocksize=piece_samples, dtype="float32", always_2d=True):
-                yield torch.from_numpy(block.mean(axis=1))
-            return
-    from lobes.io import load_audio
-
-    yield from load_audio(path, sample_rate).split(piece_samples)
 
 
 def transcribe_stream(
     model: torch.nn.Module,
     tokenizer,
-    pieces: Iterator[torch.Tensor],
+    pieces: Iterator[np.ndarray],
     chunk_frames: int,
     left_context_chunks: Optional[int] = None,
     realtime: bool = False,
@@ -91,17 +47,13 @@ def transcribe_stream(
     streamer = model.stream(
         ChunkConfig(chunk_frames, left_context_chunks), tokenizer=tokenizer, blank_index=blank_index
     )
-    rate = model.sample_rate
-    received, shown, start = 0, None, time.monotonic()
-    for piece in pieces:
-        received += piece.numel()
-        if realtime:  # wait until this piece would have been recorded
-            time.sleep(max(0.0, received / rate - (time.monotonic() - start)))
-        text = streamer.accept(piece).text[0]
-        if text != shown:
-            shown = text
-            yield received / rate, text, False
-    yield received / rate, streamer.finish().text[0], True
+    return follow(
+        lambda piece: streamer.accept(torch.as_tensor(piece)).text[0],
+        lambda: streamer.finish().text[0],
+        pieces,
+        model.sample_rate,
+        realtime,
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,11 +81,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _emit(out: TextIO, record: dict) -> None:
-    out.write(json.dumps(record, ensure_ascii=False) + "\n")
-    out.flush()
-
-
 def main(
     argv: Optional[Sequence[str]] = None, stdin: Optional[BinaryIO] = None, stdout: Optional[TextIO] = None
 ) -> int:
@@ -143,58 +90,31 @@ def main(
         from lobes.onnx.streaming import main as onnx_main
 
         return onnx_main(argv, stdin=stdin, stdout=stdout)
-    stdout = stdout or sys.stdout
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         from lobes.chunking import ms_to_frames
         from lobes.inference.asr import Transcriber
         from lobes.streaming import check_streamable
 
-        if args.output is not None and not args.output.endswith(".jsonl"):
-            raise UsageError(f"--output {args.output}: expected a .jsonl file")
-        if args.inputs.count(STDIN) > 1:
-            raise UsageError("- (standard input) can be given once")
         transcriber = Transcriber.from_pretrained(args.model, device=args.device)
         model = transcriber.encoder.model
         check_streamable(model)
         frame_ms = 1000.0 * model.frame_samples / model.sample_rate
         chunk = ms_to_frames(args.chunk_ms, frame_ms)
-        piece_ms = args.chunk_ms if args.piece_ms is None else args.piece_ms
-        if not piece_ms > 0:
-            raise UsageError(f"--piece-ms must be positive, got {piece_ms}")
-        piece = max(1, int(round(piece_ms * model.sample_rate / 1000)))
-        for path in args.inputs:
-            if path != STDIN:
-                import soundfile as sf
-
-                try:
-                    sf.info(path)
-                except Exception as exc:
-                    raise UsageError(f"{path}: not a readable audio file ({exc})") from None
+        piece = piece_samples(args.chunk_ms if args.piece_ms is None else args.piece_ms, model.sample_rate)
+        check_inputs(args.inputs, args.output)  # last: the model's own errors come first
     except (UsageError, ValueError) as exc:  # PretrainedError and check_streamable's errors are ValueErrors
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
-    finals, failed = [], []
-    for path in args.inputs:
-        pieces = (
-            pcm_pieces(stdin or sys.stdin.buffer, piece)
-            if path == STDIN
-            else file_pieces(path, model.sample_rate, piece)
-        )
-        try:
-            for seconds, text, final in transcribe_stream(
-                model, transcriber.tokenizer, pieces, chunk, args.left_context_chunks, args.realtime
-            ):
-                record = {"path": path, "time": round(seconds, 3), "text": text, "final": final}
-                _emit(stdout, record)
-                if final:
-                    finals.append(record)
-        except Exception as exc:  # this input only
-            logger.error("%s: %s", path, exc)
-            failed.append(path)
-    if args.output is not None:
-        from lobes.io import atomic_write_text
-
-        atomic_write_text(args.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in finals))
-    return EXIT_FAILED_FILES if failed else EXIT_OK
+    return run_inputs(
+        args.inputs,
+        lambda pieces: transcribe_stream(
+            model, transcriber.tokenizer, pieces, chunk, args.left_context_chunks, args.realtime
+        ),
+        model.sample_rate,
+        piece,
+        args.output,
+        stdin,
+        stdout,
+    )

@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
-import time
 from typing import Any, BinaryIO, Iterator, Optional, Sequence, TextIO
 
 import numpy as np
 
-from lobes.inputs import EXIT_FAILED_FILES, EXIT_OK, EXIT_USAGE, UsageError
+from lobes.inference.live import check_inputs, follow, piece_samples, run_inputs
+from lobes.inputs import EXIT_USAGE, UsageError
 from lobes.onnx.runtime import OnnxModel
 
 __all__ = [
@@ -39,9 +38,7 @@ __all__ = [
     "ChunkStepper",
     "OnnxStreamStep",
     "OnnxStreamingASR",
-    "file_pieces",
     "main",
-    "pcm_pieces",
     "stream_log_probs",
 ]
 
@@ -49,7 +46,6 @@ logger = logging.getLogger(__name__)
 
 KIND = "asr_streaming"
 """``kind`` of a chunk-step file."""
-STDIN = "-"
 _DTYPES = {"float32": np.float32, "int64": np.int64}
 
 
@@ -238,65 +234,18 @@ class OnnxStreamingASR:
 # --------------------------------------------------------------------------------------------------
 # python -m lobes.transcribe MODEL.onnx FILES --streaming --backend onnx
 # --------------------------------------------------------------------------------------------------
-def pcm_pieces(stream: BinaryIO, piece_samples: int) -> Iterator[np.ndarray]:
-    """Float samples in [-1, 1) from raw 16-bit little-endian mono PCM, ``piece_samples`` at a time (as
-    :func:`lobes.inference.asr_streaming.pcm_pieces`, numpy).
-
-    Example
-    -------
-    >>> import io
-    >>> raw = np.array([0, 16384, -32768, 32767, 1], dtype="<i2").tobytes()
-    >>> [p.tolist() for p in pcm_pieces(io.BytesIO(raw), 2)]
-    [[0.0, 0.5], [-1.0, 0.999969482421875], [3.0517578125e-05]]
-    """
-    need = 2 * piece_samples
-    rest = b""
-    while True:
-        data = stream.read(need - len(rest))
-        if not data:
-            break
-        rest += data
-        if len(rest) >= need:
-            yield np.frombuffer(rest[:need], dtype="<i2").astype(np.float32) / 32768.0
-            rest = rest[need:]
-    usable = len(rest) - len(rest) % 2
-    if usable:
-        yield np.frombuffer(rest[:usable], dtype="<i2").astype(np.float32) / 32768.0
-
-
-def file_pieces(path: str, sample_rate: int, piece_samples: int) -> Iterator[np.ndarray]:
-    """Mono float32 samples of an audio file at ``sample_rate``, ``piece_samples`` at a time (a file at another
-    rate is read whole and resampled), as :func:`lobes.inference.asr_streaming.file_pieces`."""
-    import soundfile as sf
-
-    with sf.SoundFile(path) as f:
-        if f.samplerate == sample_rate:
-            for block in f.blocks(blocksize=piece_samples, dtype="float32", always_2d=True):
-                yield block.mean(axis=1, dtype=np.float32)
-            return
-    from lobes.io import read_audio
-
-    wav = read_audio(path, sample_rate)
-    for start in range(0, len(wav), piece_samples):
-        yield wav[start : start + piece_samples]
-
-
 def transcribe_stream(
     model: OnnxModel, pieces: Iterator[np.ndarray], realtime: bool = False
 ) -> Iterator[tuple[float, str, bool]]:
     """Yield ``(seconds received, partial text, final)`` each time the partial text changes, and at the end."""
     streamer = OnnxStreamingASR(model)
-    rate = model.sample_rate
-    received, shown, start = 0, None, time.monotonic()
-    for piece in pieces:
-        received += len(piece)
-        if realtime:
-            time.sleep(max(0.0, received / rate - (time.monotonic() - start)))
-        text = streamer.accept(piece).text[0]
-        if text != shown:
-            shown = text
-            yield received / rate, text, False
-    yield received / rate, streamer.finish().text[0], True
+    return follow(
+        lambda piece: streamer.accept(piece).text[0],
+        lambda: streamer.finish().text[0],
+        pieces,
+        model.sample_rate,
+        realtime,
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -317,27 +266,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _emit(out: TextIO, record: dict) -> None:
-    out.write(json.dumps(record, ensure_ascii=False) + "\n")
-    out.flush()
-
-
 def main(
     argv: Optional[Sequence[str]] = None, stdin: Optional[BinaryIO] = None, stdout: Optional[TextIO] = None
 ) -> int:
     """Command-line entry point; returns the exit code (0 all inputs done, 1 some failed, 2 usage error)."""
     args = _parser().parse_args(argv)
-    stdout = stdout or sys.stdout
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         if args.device not in ("auto", "cpu"):
             raise UsageError(f"--device {args.device}: --backend onnx runs on the CPU; use --device cpu or auto")
         if args.threads is not None and args.threads < 1:
             raise UsageError(f"--threads {args.threads}: expected a positive number")
-        if args.output is not None and not args.output.endswith(".jsonl"):
-            raise UsageError(f"--output {args.output}: expected a .jsonl file")
-        if args.inputs.count(STDIN) > 1:
-            raise UsageError("- (standard input) can be given once")
         model = OnnxModel(args.model, threads=args.threads)
         OnnxStreamingASR(model)  # refuses a file that is not a chunk-step graph
         exported_ms = float(model.meta["chunk_ms"])
@@ -346,40 +285,18 @@ def main(
                 f"--chunk-ms {args.chunk_ms:g}: {args.model} was exported with chunks of {exported_ms:g} ms (the "
                 "chunk is fixed at export: python -m lobes.export_onnx FOLDER OUT.onnx --chunk-ms ...)"
             )
-        piece_ms = exported_ms if args.piece_ms is None else args.piece_ms
-        if not piece_ms > 0:
-            raise UsageError(f"--piece-ms must be positive, got {piece_ms}")
-        piece = max(1, int(round(piece_ms * model.sample_rate / 1000)))
-        for path in args.inputs:
-            if path != STDIN:
-                import soundfile as sf
-
-                try:
-                    sf.info(path)
-                except Exception as exc:
-                    raise UsageError(f"{path}: not a readable audio file ({exc})") from None
+        piece = piece_samples(exported_ms if args.piece_ms is None else args.piece_ms, model.sample_rate)
+        check_inputs(args.inputs, args.output)  # last: the model's own errors come first
     except UsageError as exc:  # OnnxModelError is a UsageError
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
-    finals, failed = [], []
-    for path in args.inputs:
-        pieces = (
-            pcm_pieces(stdin or sys.stdin.buffer, piece)
-            if path == STDIN
-            else file_pieces(path, model.sample_rate, piece)
-        )
-        try:
-            for seconds, text, final in transcribe_stream(model, pieces, args.realtime):
-                record = {"path": path, "time": round(seconds, 3), "text": text, "final": final}
-                _emit(stdout, record)
-                if final:
-                    finals.append(record)
-        except Exception as exc:  # this input only
-            logger.error("%s: %s", path, exc)
-            failed.append(path)
-    if args.output is not None:
-        from lobes.io import atomic_write_text
-
-        atomic_write_text(args.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in finals))
-    return EXIT_FAILED_FILES if failed else EXIT_OK
+    return run_inputs(
+        args.inputs,
+        lambda pieces: transcribe_stream(model, pieces, args.realtime),
+        model.sample_rate,
+        piece,
+        args.output,
+        stdin,
+        stdout,
+    )
