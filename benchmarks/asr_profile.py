@@ -274,7 +274,7 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     stages = list(STAGES) + ["validation", "checkpoints"]
-    fig, ax = plt.subplots(figsize=(3 + 1.6 * len(results), 5.5))
+    fig, ax = plt.subplots(figsize=(5 + 1.6 * len(results), 5.5))
     colors = plt.get_cmap("tab20").colors
     for i, result in enumerate(results):
         bottom = 0.0
@@ -285,7 +285,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.text(i, bottom, f"{bottom:.1f} min", ha="center", va="bottom")
     ax.set_xticks(range(len(results)), [f"{r['name']}\n{r['epochs']} epochs" for r in results])
     ax.set_ylabel("minutes of training (all epochs)")
-    ax.set_title("ASR main job: where the training time goes (2 cores)")
+    ax.set_title("ASR main job:\nwhere the training time goes")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     from lobes.recipe.history import save_figure

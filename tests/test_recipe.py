@@ -24,9 +24,9 @@ from lobes.recipe import (
 
 ASR = ROOT / "recipes" / "ASR" / "hparams"
 CLASSIFICATION = ROOT / "recipes" / "AudioClassification" / "hparams"
-ASR_MODELS = ["hyperconformer", "conformer", "transformer", "primer"]
+ASR_MODELS = ["hyperconformer", "conformer", "transformer", "primer", "hyperconformer_streaming", "conformer_streaming"]
 CLASSIFIERS = ["beats_tiny", "beats_frozen", "beats_finetune"]
-#: What the classification model files may set (the ASR ones set only model_name and preset).
+#: What the classification model files may set (the ASR ones: model_name, preset and, for streaming, chunking).
 CLASSIFIER_SETTINGS = {
     "model_name",
     "prepare",
@@ -74,7 +74,8 @@ def test_the_recipe_folders_hold_the_expected_model_files():
 @pytest.mark.parametrize(
     "folder,allowed",
     [
-        (ASR, {"model_name", "preset"}),
+        # streaming models also pick their chunked training and the chunk sizes they are tested at
+        (ASR, {"model_name", "preset", "dynamic_chunk_training", "test_chunk_ms", "test_left_context_chunks"}),
         (CLASSIFICATION, CLASSIFIER_SETTINGS),
     ],
     ids=["ASR", "AudioClassification"],
@@ -112,7 +113,12 @@ def _normalised(value, name):
 @pytest.mark.parametrize(
     "folder,names,differ",
     [
-        (ASR, ASR_MODELS, {"model_name", "preset", "model", "modules", "checkpointer"}),
+        (
+            ASR,
+            ASR_MODELS,
+            {"model_name", "preset", "model", "modules", "checkpointer"}
+            | {"dynamic_chunk_training", "test_chunk_ms", "test_left_context_chunks"},  # streaming models
+        ),
         (
             CLASSIFICATION,
             CLASSIFIERS,
@@ -274,6 +280,7 @@ def test_debug_uses_a_small_corpus_and_folders_of_its_own(tmp_path, beats_checkp
         "num_train": 24,
         "num_valid": 8,
         "num_test": 8,
+        "num_test_new_words": 4,
         "seed": 1234,
     }
     assert debug["noise_csv"] == str(tmp_path / "speech_debug" / "noise.csv") and debug["num_noise"] == 4
