@@ -95,7 +95,8 @@ class ConformerLayerState(NamedTuple):
         HyperMixing's running sums, or for an attention mixer the layer inputs (B, frames, D) of the left
         context it may still see (None before the first chunk).
     conv : torch.Tensor or None
-        (B, D, kernel_size - 1) inputs of the causal depthwise convolution (None before the first chunk).
+        The last inputs of the depthwise convolution, (B, D, kernel_size - 1) for a causal one and
+        (B, D, (kernel_size - 1) / 2) for a chunk convolution (None before the first chunk).
     """
 
     mixer: Union[HyperMixingState, torch.Tensor, None]
@@ -120,11 +121,29 @@ def _half_step_ffn(d_model: int, d_ffn: int, activation: Callable[[], nn.Module]
     )
 
 
+def _check_causal(causal: Union[bool, str]) -> Union[bool, str]:
+    """The ``causal`` option of the convolution module: ``False``, ``True`` or ``"chunk"``."""
+    if isinstance(causal, bool) or causal == "chunk":
+        return causal
+    raise ValueError(f'causal must be False, True or "chunk", got {causal!r}')
+
+
 class ConvolutionModule(nn.Module):
     """Conformer convolution module: norm, pointwise conv + GLU, depthwise conv, norm, activation, linear.
 
     The batch normalisation of the original Conformer is a per-frame layer norm here (as in speechbrain),
     and padded frames are zeroed before the depthwise convolution, so valid frames never see padding.
+
+    The depthwise convolution comes in three kinds (``causal``):
+
+    * ``False``: centred (``(kernel_size - 1) / 2`` frames on each side); cannot stream;
+    * ``True``: causal (``kernel_size - 1`` past frames), whatever the chunking; streams with a cache of
+      ``kernel_size - 1`` inputs;
+    * ``"chunk"``: dynamic chunk convolution (Li et al., ICASSP 2023, "Dynamic Chunk Convolution for Unified
+      Streaming and Non-streaming Conformer ASR"): centred, but in chunked mode (``chunk_size`` given) a
+      frame sees the future only up to the end of its own chunk, the inputs past it counting as zeros. With
+      full context it is exactly the centred convolution (same weights as ``causal=False``); in chunked mode
+      it streams with a cache of the last ``(kernel_size - 1) / 2`` inputs.
 
     Arguments
     ---------
@@ -138,14 +157,21 @@ class ConvolutionModule(nn.Module):
         Dropout after the last linear layer.
     bias : bool
         Biases in the convolutions and the linear layer.
-    causal : bool
-        Left-padded (causal) depthwise convolution.
+    causal : bool or str
+        ``False`` (centred), ``True`` (left-padded, causal) or ``"chunk"`` (centred, cut at chunk ends).
 
     Example
     -------
     >>> conv = ConvolutionModule(16, kernel_size=5)
     >>> conv(torch.rand(2, 7, 16), torch.tensor([[False] * 7, [False] * 4 + [True] * 3])).shape
     torch.Size([2, 7, 16])
+    >>> chunk_conv = ConvolutionModule(16, kernel_size=5, causal="chunk")
+    >>> x = torch.rand(1, 7, 16)
+    >>> whole = chunk_conv(x, chunk_size=4)
+    >>> first, cache = chunk_conv.forward_chunk(x[:, :4])
+    >>> rest, cache = chunk_conv.forward_chunk(x[:, 4:], cache)
+    >>> torch.allclose(torch.cat([first, rest], 1), whole, atol=1e-6), cache.shape
+    (True, torch.Size([1, 16, 2]))
     """
 
     def __init__(
@@ -155,13 +181,14 @@ class ConvolutionModule(nn.Module):
         activation: Callable[[], nn.Module] = nn.SiLU,
         dropout: float = 0.0,
         bias: bool = True,
-        causal: bool = False,
+        causal: Union[bool, str] = False,
     ):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
-        self.causal = causal
-        self.padding = kernel_size - 1 if causal else (kernel_size - 1) // 2
+        self.causal = _check_causal(causal)
+        self.chunk_conv = causal == "chunk"  # dynamic chunk convolution
+        self.padding = kernel_size - 1 if causal is True else (kernel_size - 1) // 2
         self.layer_norm = nn.LayerNorm(d_model)
         self.bottleneck = nn.Sequential(nn.Conv1d(d_model, 2 * d_model, kernel_size=1, bias=bias), nn.GLU(dim=1))
         self.conv = nn.Conv1d(d_model, d_model, kernel_size, padding=self.padding, groups=d_model, bias=bias)
@@ -169,32 +196,63 @@ class ConvolutionModule(nn.Module):
             nn.LayerNorm(d_model), activation(), nn.Linear(d_model, d_model, bias=bias), nn.Dropout(dropout)
         )
 
-    def forward(self, x: torch.Tensor, pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, T, D) and an optional (B, T) padding mask (``True`` = padding) -> (B, T, D)."""
+    def _chunk_conv(self, x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        """Depthwise convolution of (B, D, T) where every chunk sees zeros past its end -> (B, D, T)."""
+        B, D, T = x.shape
+        C, p = chunk_size, self.padding
+        n = -(-T // C)  # chunks
+        x = F.pad(x, (p, n * C - T + p))  # (B, D, p + nC + p)
+        windows = x.unfold(2, C + 2 * p, C)  # (B, D, n, C + 2p): frames [cC - p, (c + 1)C + p) of chunk c
+        windows = windows[..., : C + p]  # inputs past the chunk's end count as zeros
+        windows = F.pad(windows, (0, p))
+        windows = windows.permute(0, 2, 1, 3).reshape(B * n, D, C + 2 * p)
+        out = F.conv1d(windows, self.conv.weight, self.conv.bias, groups=self.conv.groups)  # (B n, D, C)
+        return out.reshape(B, n, D, C).permute(0, 2, 1, 3).reshape(B, D, n * C)[..., :T]
+
+    def forward(
+        self, x: torch.Tensor, pad_mask: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None
+    ) -> torch.Tensor:
+        """(B, T, D) and an optional (B, T) padding mask (``True`` = padding) -> (B, T, D).
+
+        ``chunk_size`` (chunked mode, chunks from frame 0) matters only to the chunk convolution
+        (``causal="chunk"``); the other kinds ignore it.
+        """
         out = self.bottleneck(self.layer_norm(x).transpose(1, 2))  # (B, D, T)
         if pad_mask is not None:
             out = out.masked_fill(pad_mask.unsqueeze(1), 0.0)  # padded frames must not enter the conv
-        out = self.conv(out)
-        if self.causal:
+        if self.chunk_conv and chunk_size is not None and chunk_size < out.size(-1):
+            out = self._chunk_conv(out, chunk_size)
+        else:
+            out = self.conv(out)
+        if self.causal is True:
             out = out[..., : -self.padding]  # drop the look-ahead frames of the left-padded conv
         out = self.after_conv(out.transpose(1, 2))  # (B, T, D)
         return zero_padding(out, pad_mask)
 
     def forward_chunk(self, x: torch.Tensor, cache: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal module only: the next (B, T, D) frames of a stream, given the previous call's cache.
+        """Streaming: the next (B, T, D) frames of a stream, given the previous call's cache.
 
-        Returns the (B, T, D) output, equal to :meth:`forward`'s on these frames of the whole stream, and the
-        new cache: the last ``kernel_size - 1`` inputs of the depthwise convolution, (B, D, kernel_size - 1).
+        Returns the (B, T, D) output, equal to :meth:`forward`'s on these frames of the whole stream (with the
+        same chunks, for the chunk convolution), and the new cache: the last ``padding`` inputs of the
+        depthwise convolution, (B, D, padding) (``kernel_size - 1`` causal, ``(kernel_size - 1) / 2`` chunk).
+        For ``causal="chunk"`` the frames must be one whole chunk (the last of a stream may be shorter): the
+        convolution runs over [cache, chunk, zeros].
         """
         if not self.causal:
-            raise ValueError("ConvolutionModule.forward_chunk: only a causal module (causal=True) can stream")
+            raise ValueError(
+                'ConvolutionModule.forward_chunk: only a causal (causal=True) or chunk (causal="chunk") module '
+                "can stream"
+            )
         out = self.bottleneck(self.layer_norm(x).transpose(1, 2))  # (B, D, T)
         if cache is None:  # the left zero padding of forward
             cache = out.new_zeros(out.size(0), out.size(1), self.padding)
-        full = torch.cat([cache, out], dim=-1)  # (B, D, K - 1 + T)
+        full = torch.cat([cache, out], dim=-1)  # (B, D, padding + T)
+        new_cache = full[..., full.size(-1) - self.padding :]
+        if self.chunk_conv:  # nothing past the chunk's end
+            full = F.pad(full, (0, self.padding))
         out = F.conv1d(full, self.conv.weight, self.conv.bias, groups=self.conv.groups)  # (B, D, T)
         out = self.after_conv(out.transpose(1, 2))  # (B, T, D)
-        return out, full[..., full.size(-1) - self.padding :]
+        return out, new_cache
 
 
 class ConformerEncoderLayer(nn.Module):
@@ -219,8 +277,9 @@ class ConformerEncoderLayer(nn.Module):
         Dropout rate.
     bias : bool
         Biases in the convolution module.
-    causal : bool
-        Causal depthwise convolution.
+    causal : bool or str
+        Depthwise convolution: ``False`` centred, ``True`` causal, ``"chunk"`` centred but cut at the end of
+        each chunk in chunked mode (:class:`ConvolutionModule`).
 
     Example
     -------
@@ -240,7 +299,7 @@ class ConformerEncoderLayer(nn.Module):
         activation: Callable[[], nn.Module] = nn.SiLU,
         dropout: float = 0.0,
         bias: bool = True,
-        causal: bool = False,
+        causal: Union[bool, str] = False,
     ):
         super().__init__()
         self.ffn_module1 = _half_step_ffn(d_model, d_ffn, activation, dropout)
@@ -274,7 +333,7 @@ class ConformerEncoderLayer(nn.Module):
         return_attn_weights : bool
             Ask the mixer for its weights.
         chunk : ChunkConfig, optional
-            Chunked mode (needs a causal convolution module); None: full context.
+            Chunked mode (needs a causal or chunk convolution module); None: full context.
 
         Returns
         -------
@@ -288,12 +347,15 @@ class ConformerEncoderLayer(nn.Module):
             )
         else:
             if not self.convolution_module.causal:
-                raise ValueError("chunked mode needs causal convolution modules: build the encoder with causal=True")
+                raise ValueError(
+                    "chunked mode needs causal or chunk convolution modules: build the encoder with causal=True or "
+                    'causal="chunk"'
+                )
             mixed, weights = _mix_chunked(
                 self.mha_layer, self.norm1(x), src_mask, src_key_padding_mask, pos_embs, chunk, return_attn_weights
             )
         x = x + mixed
-        x = x + self.convolution_module(x, src_key_padding_mask)
+        x = x + self.convolution_module(x, src_key_padding_mask, None if chunk is None else chunk.chunk_size)
         x = self.norm2(x + 0.5 * self.ffn_module2(x))
         return x, weights
 
@@ -352,8 +414,10 @@ class ConformerEncoder(EncoderStack):
         Dropout rate.
     bias : bool
         Biases in the convolution modules.
-    causal : bool
-        Causal depthwise convolutions.
+    causal : bool or str
+        Depthwise convolutions: ``False`` centred, ``True`` causal, ``"chunk"`` centred but cut at the end of
+        each chunk in chunked mode (dynamic chunk convolution, :class:`ConvolutionModule`). Chunked mode and
+        streaming need ``True`` or ``"chunk"``.
     pos_encoding : nn.Module, optional
         Module mapping the input (B, T, D) to relative positional embeddings given to every mixer
         (e.g. ``speechbrain.nnet.attention.RelPosEncXL`` for ``RelPosMHAXL``). Ignored when ``pos_embs`` is
@@ -380,7 +444,7 @@ class ConformerEncoder(EncoderStack):
         activation: Callable[[], nn.Module] = nn.SiLU,
         dropout: float = 0.0,
         bias: bool = True,
-        causal: bool = False,
+        causal: Union[bool, str] = False,
         pos_encoding: Optional[nn.Module] = None,
     ):
         def make_layer(m: TokenMixer) -> ConformerEncoderLayer:
@@ -413,7 +477,7 @@ class ConformerEncoder(EncoderStack):
             Collect each mixer's weights.
         chunk : ChunkConfig or int, optional
             Chunked mode: every frame sees its own chunk and earlier ones (:mod:`lobes.chunking`); an int is a
-            chunk size in frames with unlimited left context. Needs causal convolutions and chunk-capable
+            chunk size in frames with unlimited left context. Needs causal or chunk convolutions and chunk-capable
             mixers (``ChunkCausalHyperMixing``, attention). None (default): full context, :class:`EncoderStack`'s
             forward unchanged.
 
@@ -448,7 +512,7 @@ class ConformerEncoder(EncoderStack):
         :meth:`forward`'s output with the same ``chunk``.
 
         Every piece but the last must end on a chunk boundary; a piece may hold several chunks (they are
-        encoded one after the other).
+        encoded one after the other, one chunk per layer call, as the chunk convolution needs).
 
         Arguments
         ---------
@@ -471,7 +535,10 @@ class ConformerEncoder(EncoderStack):
             raise ValueError(f"expected input of shape (B, T, {self.d_model}), got {tuple(src.shape)}")
         if state is None:
             if not all(layer.convolution_module.causal for layer in self.layers):
-                raise ValueError("streaming needs causal convolution modules: build the encoder with causal=True")
+                raise ValueError(
+                    "streaming needs causal or chunk convolution modules: build the encoder with causal=True or "
+                    'causal="chunk"'
+                )
             state = ConformerStreamState(tuple(ConformerLayerState(None, None) for _ in self.layers), 0)
         elif state.offset % chunk.chunk_size and src.size(1):
             raise ValueError(
@@ -504,7 +571,7 @@ def hyperconformer_encoder(
     dropout: float = 0.0,
     activation: Callable[[], nn.Module] = nn.SiLU,
     bias: bool = True,
-    causal: bool = False,
+    causal: Union[bool, str] = False,
 ) -> ConformerEncoder:
     """HyperConformer encoder laid out like speechbrain's ``ConformerEncoder(attention_type="hypermixing")``.
 
@@ -530,8 +597,8 @@ def hyperconformer_encoder(
         Activation class.
     bias : bool
         Biases in the convolution modules.
-    causal : bool
-        Causal depthwise convolutions.
+    causal : bool or str
+        Depthwise convolutions: ``False`` centred, ``True`` causal, ``"chunk"`` chunk convolution.
 
     Returns
     -------

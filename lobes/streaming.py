@@ -10,8 +10,9 @@ small look-ahead) once its encoder runs in chunked mode (:mod:`lobes.chunking`):
 * the convolutional front-end, whose kernel-3 / stride-2 blocks keep their last input frame between pieces
   (and wait for one frame of look-ahead each);
 * a Conformer encoder in chunked mode: chunk-causal HyperMixing carries its running sums, attention its
-  left-context frames, the causal depthwise convolutions their last ``kernel_size - 1`` inputs
-  (:meth:`lobes.conformer.ConformerEncoder.forward_chunk`).
+  left-context frames, the depthwise convolutions their last inputs: ``kernel_size - 1`` of them for a causal
+  convolution, ``(kernel_size - 1) / 2`` for a chunk convolution (``causal="chunk"``, centred but seeing
+  nothing past the end of its chunk) (:meth:`lobes.conformer.ConformerEncoder.forward_chunk`).
 
 :class:`StreamingASR` strings these together. Everything it returns equals the full forward of the whole
 utterance with the same chunk configuration (``model.encode(..., chunk=...)``), to float rounding; the
@@ -145,7 +146,9 @@ def check_streamable(model: nn.Module) -> None:
     else:
         layers = getattr(model.encoder, "layers", [])
         if not all(getattr(getattr(la, "convolution_module", None), "causal", True) for la in layers):
-            problems.append("its encoder's convolutions are not causal (build it with causal=True)")
+            problems.append(
+                'its encoder\'s convolutions see past the chunk (build it with causal="chunk" or causal=True)'
+            )
     if problems:
         raise ValueError("this model cannot stream: " + "; ".join(problems))
 

@@ -55,11 +55,11 @@ def _tokenizer():
     return buffer.getvalue()
 
 
-def _model(vocab: int) -> ASRModel:
+def _model(vocab: int, causal=True) -> ASRModel:
     """A random 2-layer streaming HyperConformer with feature statistics that are not 0 / 1."""
     torch.manual_seed(0)
     mixer = partial(ChunkCausalHyperMixing, D, 32, num_heads=2, chunk_size=None)
-    encoder = ConformerEncoder(2, D, 32, mixer, kernel_size=5, causal=True)
+    encoder = ConformerEncoder(2, D, 32, mixer, kernel_size=5, causal=causal)
     model = ASRModel(
         encoder,
         vocab,
@@ -130,6 +130,29 @@ def test_chunks_equal_torch_streaming_in_a_batch_with_padding(tiny, chunk):
     assert sum(len(_greedy(out)) for out in got) > 5  # the comparison saw tokens
     alone, _ = stream_log_probs(onnx_model.session, onnx_model.meta, waves[4:5])
     assert np.abs(alone[0] - got[4]).max() <= 1e-5  # padding rows of other lengths change nothing
+
+
+@pytest.mark.parametrize("chunk", [4, 1])
+def test_chunk_convolution_graph_equals_torch_streaming(tmp_path, chunk):
+    """The dynamic chunk convolution (causal="chunk"): a cache of (kernel_size - 1) / 2 frames, zeros past the
+    chunk's end; a batch whose rows end in different chunks."""
+    model = _model(9, causal="chunk")
+    path = export_streaming_model(model, tmp_path / "chunk_conv.onnx", chunk, 0, None, source="tiny")
+    onnx_model = OnnxModel(path, threads=1)
+    conv_caches = [s for s in onnx_model.meta["state"] if s["name"].endswith("_conv_cache")]
+    assert [s["shape"] for s in conv_caches] == [[D, 2], [D, 2]]
+    S, look = onnx_model.meta["chunk_samples"], onnx_model.meta["lookahead"]
+    waves = _waves([look, S + 5, 3 * S + 7, 16000 + 123], seed=4)
+    got, _ = stream_log_probs(onnx_model.session, onnx_model.meta, waves)
+    for wav, out in zip(waves, got):
+        ref = torch.cat([s.log_probs for s in _torch_stream(model, wav, chunk, S)], dim=1)[0].numpy()
+        assert out.shape == ref.shape, len(wav)
+        assert np.abs(out - ref).max() <= TOL
+    with torch.no_grad():  # and the torch streaming reference is the chunked forward of the whole utterance
+        wav = torch.from_numpy(waves[-1]).unsqueeze(0)
+        feats, lens = model.features(wav, torch.ones(1))
+        full = model.ctc_log_probs(model.encode(feats, lens, chunk)[0])[0].numpy()
+    assert np.abs(got[-1] - full).max() <= TOL
 
 
 def test_no_length_ceiling(tiny):

@@ -12,7 +12,7 @@ from speechbrain.nnet.attention import RelPosEncXL, RelPosMHAXL
 from lobes.asr import ASRModel
 from lobes.attention import MultiHeadAttention, PositionalEncoding
 from lobes.chunking import ChunkConfig, DynamicChunkSampler, chunk_attention_mask, ms_to_frames
-from lobes.conformer import ConformerEncoder, hyperconformer_encoder
+from lobes.conformer import ConformerEncoder, ConvolutionModule, hyperconformer_encoder
 from lobes.hypermixing import ChunkCausalHyperMixing
 from lobes.masks import lengths_to_padding_mask
 from lobes.streaming import GlobalNormalization, StreamingASR, check_streamable, stream_audio
@@ -21,22 +21,22 @@ ROOT = Path(__file__).resolve().parents[1]
 D = 16
 
 
-def _encoder(kind: str, layers: int = 2) -> ConformerEncoder:
+def _encoder(kind: str, layers: int = 2, causal=True) -> ConformerEncoder:
     torch.manual_seed(0)
     if kind == "hypermixing":
         mixer = partial(ChunkCausalHyperMixing, D, 32, num_heads=2, chunk_size=None)
-        return ConformerEncoder(layers, D, 32, mixer, kernel_size=5, causal=True).eval()
+        return ConformerEncoder(layers, D, 32, mixer, kernel_size=5, causal=causal).eval()
     if kind == "mha":
-        return ConformerEncoder(layers, D, 32, partial(MultiHeadAttention, 2, D), kernel_size=5, causal=True).eval()
+        return ConformerEncoder(layers, D, 32, partial(MultiHeadAttention, 2, D), kernel_size=5, causal=causal).eval()
     return ConformerEncoder(
-        layers, D, 32, partial(RelPosMHAXL, D, 2), kernel_size=5, causal=True, pos_encoding=RelPosEncXL(D)
+        layers, D, 32, partial(RelPosMHAXL, D, 2), kernel_size=5, causal=causal, pos_encoding=RelPosEncXL(D)
     ).eval()
 
 
-def _model(kind: str) -> ASRModel:
+def _model(kind: str, causal=True) -> ASRModel:
     pe = None if kind == "relpos" else PositionalEncoding(D)
     model = ASRModel(
-        _encoder(kind),
+        _encoder(kind, causal=causal),
         7,
         D,
         frontend_channels=(4, 4),
@@ -155,6 +155,138 @@ def test_chunked_training_step_reaches_every_parameter_under_bf16_autocast():
     assert all(p.grad is not None for p in enc.parameters())
 
 
+# ------------------------------------------------------------------------------ chunk convolution
+CHUNK_CONV_CASES = [
+    ("hypermixing", ChunkConfig(1)),
+    ("hypermixing", ChunkConfig(3)),
+    ("hypermixing", ChunkConfig(4)),
+    ("mha", ChunkConfig(2)),
+    ("mha", ChunkConfig(5, 1)),
+    ("relpos", ChunkConfig(4)),
+]
+
+
+def _reference_chunk_conv(module, x: torch.Tensor, chunk_size) -> torch.Tensor:
+    """The convolution module frame by frame: frame t of chunk c sums the kernel taps over inputs t - p .. t + p,
+    those outside [0, end of chunk c) (or [0, T) with full context) counting as zero."""
+    z = module.bottleneck(module.layer_norm(x).transpose(1, 2))  # (B, D, T)
+    T, p = z.size(-1), module.padding
+    w, b = module.conv.weight[:, 0], module.conv.bias  # (D, K), (D,)
+    out = torch.zeros_like(z)
+    for t in range(T):
+        end = T if chunk_size is None else min(T, (t // chunk_size + 1) * chunk_size)
+        acc = b.expand(z.size(0), -1).clone()
+        for j in range(w.size(1)):
+            i = t - p + j
+            if 0 <= i < end:
+                acc = acc + w[:, j] * z[:, :, i]
+        out[:, :, t] = acc
+    return module.after_conv(out.transpose(1, 2))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 2, 3, 4, 7, 30])
+def test_chunk_conv_module_equals_the_frame_by_frame_reference(chunk_size):
+    torch.manual_seed(1)
+    module = ConvolutionModule(D, kernel_size=7, causal="chunk").eval()
+    x = torch.randn(2, 13, D)
+    with torch.no_grad():
+        got = module(x, chunk_size=chunk_size)
+        ref = _reference_chunk_conv(module, x, chunk_size)
+    assert (got - ref).abs().max() <= 1e-5
+
+
+def test_chunk_conv_full_context_is_the_centred_convolution():
+    torch.manual_seed(2)
+    chunk = ConvolutionModule(D, kernel_size=5, causal="chunk").eval()
+    centred = ConvolutionModule(D, kernel_size=5, causal=False).eval()
+    centred.load_state_dict(chunk.state_dict(), strict=True)  # the same parameters
+    x = torch.randn(3, 11, D)
+    pad = lengths_to_padding_mask(torch.tensor([11, 8, 3]), 11)
+    with torch.no_grad():
+        assert torch.equal(chunk(x, pad), centred(x, pad))
+        z = chunk.bottleneck(chunk.layer_norm(x).transpose(1, 2)).masked_fill(pad.unsqueeze(1), 0.0)
+        plain = torch.nn.functional.conv1d(z, chunk.conv.weight, chunk.conv.bias, padding=2, groups=D)
+        ref = chunk.after_conv(plain.transpose(1, 2)).masked_fill(pad.unsqueeze(-1), 0.0)
+        assert (chunk(x, pad) - ref).abs().max() <= 1e-6
+    with pytest.raises(ValueError, match='"chunk"'):
+        ConvolutionModule(D, kernel_size=5, causal="left")
+    enc_chunk, enc_centred = _encoder("mha", causal="chunk"), _encoder("mha", causal=False)
+    enc_centred.load_state_dict(enc_chunk.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(enc_chunk(x)[0], enc_centred(x)[0])
+
+
+@pytest.mark.parametrize("kind,cfg", CHUNK_CONV_CASES)
+@pytest.mark.parametrize("length", [1, 9, 13, 23])
+def test_chunk_conv_encoder_streamed_equals_chunked_forward(kind, cfg, length):
+    enc = _encoder(kind, causal="chunk")
+    x = torch.randn(2, length, D)
+    C = cfg.chunk_size
+    with torch.no_grad():
+        full, _ = enc(x, chunk=cfg)
+        for cuts in ([0, min(length, 2 * C), min(length, 3 * C), length], list(range(0, length, C)) + [length]):
+            state, outs = None, []
+            for a, b in zip(cuts, cuts[1:]):  # pieces of several chunks, then chunk by chunk
+                out, state = enc.forward_chunk(x[:, a:b], state, cfg)
+                outs.append(out)
+            assert (torch.cat(outs, 1) - full).abs().max() <= 1e-5
+            assert state.offset == length
+    assert all(la.conv.shape == (2, D, 2) for la in state.layers)  # (kernel_size - 1) / 2 inputs
+
+
+@pytest.mark.parametrize("kind,cfg", CHUNK_CONV_CASES)
+def test_chunk_conv_padded_batch_equals_alone_and_streamed(kind, cfg):
+    enc = _encoder(kind, causal="chunk")
+    x = torch.randn(3, 17, D)
+    lengths = torch.tensor([17, 10, 3])
+    with torch.no_grad():
+        batch, _ = enc(x, src_key_padding_mask=lengths_to_padding_mask(lengths, 17), chunk=cfg)
+        for i, n in enumerate(lengths.tolist()):
+            alone, _ = enc(x[i : i + 1, :n], chunk=cfg)
+            streamed, _ = enc.forward_chunk(x[i : i + 1, :n], None, cfg)
+            assert (batch[i, :n] - alone[0]).abs().max() <= 1e-5
+            assert (batch[i, :n] - streamed[0]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("kind,cfg", CHUNK_CONV_CASES)
+def test_chunk_conv_sees_its_chunk_and_nothing_after(kind, cfg):
+    enc = _encoder(kind, causal="chunk")
+    x = torch.randn(1, 24, D)
+    C = cfg.chunk_size
+    cut = (13 // C + 1) * C if C > 1 else 13  # a chunk boundary
+    y = x.clone()
+    y[:, cut:] = torch.randn(1, 24 - cut, D) * 3
+    with torch.no_grad():
+        a, _ = enc(x, chunk=cfg)
+        b, _ = enc(y, chunk=cfg)
+    assert torch.equal(a[:, :cut], b[:, :cut])
+    assert not torch.allclose(a[:, cut:], b[:, cut:])
+    if C > 1:  # unlike a causal convolution, a frame sees the later frames of its own chunk
+        module = enc.layers[0].convolution_module
+        z = x.clone()
+        z[:, cut - 1] = torch.randn(1, D) * 3
+        with torch.no_grad():
+            before, after = module(x, chunk_size=C), module(z, chunk_size=C)
+        assert not torch.allclose(before[:, cut - 2], after[:, cut - 2])
+        assert torch.equal(before[:, : cut - C], after[:, : cut - C])
+
+
+@pytest.mark.parametrize("samples,piece", [(12345, 2560), (16000, 7), (300, 160)])
+def test_chunk_conv_stream_equals_full_forward(samples, piece):
+    model = _model("hypermixing", causal="chunk")
+    check_streamable(model)
+    cfg = ChunkConfig(4)
+    wav = torch.randn(1, samples) * 0.1
+    with torch.no_grad():
+        feats, lens = model.features(wav, torch.ones(1))
+        full, _ = model.encode(feats, lens, cfg)
+    streamer = StreamingASR(model, cfg)
+    steps = [streamer.accept(p) for p in wav[0].split(piece)] + [streamer.finish()]
+    frames = torch.cat([s.frames for s in steps], 1)
+    assert frames.shape == full.shape
+    assert (frames - full).abs().max() <= 1e-5
+
+
 # ---------------------------------------------------------------------------------------- whole model
 @pytest.mark.parametrize("kind,cfg", [("hypermixing", ChunkConfig(4)), ("relpos", ChunkConfig(3, 2))])
 @pytest.mark.parametrize("samples", [16000, 12345, 300])
@@ -220,7 +352,7 @@ def test_stream_state_does_not_grow():
 
 def test_models_that_cannot_stream_are_refused():
     plain = ASRModel(hyperconformer_encoder(1, D, 32, nhead=2, kernel_size=3), 5, D, frontend_channels=(4, 4))
-    with pytest.raises(ValueError, match="fbank_top_db=None.*feature_norm"):
+    with pytest.raises(ValueError, match="fbank_top_db=None.*feature_norm.*causal=.chunk"):
         check_streamable(plain)
 
 
@@ -277,6 +409,7 @@ def test_streaming_presets_build_stream_and_run_full_context(name):
     with open(ROOT / "hparams" / f"{name}.yaml") as f:
         model = load_hyperpyyaml(f, overrides)["model"].eval()
     check_streamable(model)
+    assert all(layer.convolution_module.chunk_conv for layer in model.encoder.layers)
     wav = torch.randn(1, 8000) * 0.1
     with torch.no_grad():
         full_context, lengths, _ = model(wav, torch.ones(1))

@@ -22,8 +22,10 @@ size and stream length:
 
 The state (:meth:`StreamingASRGraph.state_spec`) starts as zeros and keeps its size whatever the stream's
 length: the last samples of the fbank window, the input frames of each front-end block that its next output
-still needs, and per Conformer layer HyperMixing's running sums and count of valid frames and the causal
-convolution's last ``kernel_size - 1`` inputs; then the samples received and the encoder frames passed.
+still needs, and per Conformer layer HyperMixing's running sums and count of valid frames and the depthwise
+convolution's last inputs (``kernel_size - 1`` for a causal convolution; ``(kernel_size - 1) / 2`` for a chunk
+convolution, ``causal="chunk"``, whose chunk input is [cache, chunk, zeros]); then the samples received and
+the encoder frames passed.
 
 Example
 -------
@@ -261,11 +263,15 @@ class StreamingASRGraph(nn.Module):
     @staticmethod
     def _convolve(module: nn.Module, x: Tensor, keep: Tensor, cache: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`lobes.conformer.ConvolutionModule.forward_chunk` with frames outside the stream zeroed
-        before the depthwise convolution (so the first chunk's cache is the zero left padding)."""
+        before the depthwise convolution (so the first chunk's cache is the zero left padding); a chunk
+        convolution sees zeros past the chunk's end."""
         out = module.bottleneck(module.layer_norm(x).transpose(1, 2)) * keep.unsqueeze(1)  # (B, D, T)
-        full = torch.cat([cache, out], dim=-1)  # (B, D, K - 1 + T)
+        full = torch.cat([cache, out], dim=-1)  # (B, D, padding + T)
+        new_cache = full[..., full.shape[-1] - module.padding :]
+        if module.chunk_conv:  # [cache, chunk, zeros]
+            full = F.pad(full, (0, module.padding))
         out = F.conv1d(full, module.conv.weight, module.conv.bias, groups=module.conv.groups)  # (B, D, T)
-        return module.after_conv(out.transpose(1, 2)), full[..., full.shape[-1] - module.padding :]
+        return module.after_conv(out.transpose(1, 2)), new_cache
 
     def forward(self, chunk: Tensor, lengths: Tensor, *state: Tensor) -> tuple:
         model, C, S = self.model, self.chunk_frames, self.chunk_samples
