@@ -133,7 +133,6 @@ def _watch_model(timer: HookTimer, model) -> None:
 def profile_config(name: str, yaml_file: str, overrides: list[str], steps: int, warmup: int, prepare: bool) -> dict:
     import speechbrain as sb
     import torch
-    from speechbrain.tokenizers.SentencePiece import SentencePiece
 
     from lobes.recipe import load_hparams
 
@@ -151,17 +150,7 @@ def profile_config(name: str, yaml_file: str, overrides: list[str], steps: int, 
         if missing:
             raise SystemExit(f"corpus missing ({missing[0]}): run the main job once or pass --prepare")
     train.prepare_noise(hparams)
-    tokenizer = SentencePiece(
-        model_dir=hparams["save_folder"],
-        vocab_size=hparams["output_neurons"],
-        annotation_train=manifests["train"],
-        annotation_read="wrd",
-        model_type=hparams["token_type"],
-        character_coverage=1.0,
-        bos_id=-1,
-        eos_id=-1,
-        unk_id=hparams["unk_index"],
-    )
+    tokenizer = train.build_tokenizer(hparams, manifests["train"])
     datasets = train.dataio_prepare(hparams, manifests, tokenizer)
     loader_kwargs = dict(hparams["train_dataloader_opts"])
     if hparams.get("dynamic_batching", False):

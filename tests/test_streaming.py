@@ -356,6 +356,24 @@ def test_models_that_cannot_stream_are_refused():
         check_streamable(plain)
 
 
+def test_global_normalization_floor_and_frame_mean_make_it_level_invariant():
+    torch.manual_seed(0)
+    feats = torch.randn(2, 30, 8) * 10 - 30
+    feats[0, :5] = -100.0  # digital silence
+    lengths = torch.tensor([30, 21])
+    norm = GlobalNormalization(8, floor_db=-70.0, subtract_frame_mean=True).train()
+    out, _ = norm(feats, lengths)
+    norm.eval()
+    quiet, _ = norm(feats - 12.0, lengths)  # the same recording 12 dB quieter
+    loud, _ = norm(feats, lengths)
+    assert torch.allclose(quiet[1], loud[1], atol=1e-5)  # no frame near the floor: the gain cancels
+    assert torch.equal(loud[1, 21:], torch.zeros(9, 8))
+    floor_frame = (torch.full((8,), -70.0) - (-70.0) - norm.mean) / torch.sqrt(norm.var + norm.eps)
+    assert torch.allclose(loud[0, 0], floor_frame, atol=1e-5)  # -100 dB raised to the floor, then normalised
+    plain = GlobalNormalization(8).eval()
+    assert not torch.allclose(plain(feats - 12.0, lengths)[0][1], plain(feats, lengths)[0][1])
+
+
 def test_global_normalization_matches_the_statistics_of_everything_seen():
     norm = GlobalNormalization(4, update_steps=2).train()
     a, b, c = torch.randn(2, 10, 4), torch.randn(1, 7, 4) * 3 + 2, torch.randn(1, 5, 4) + 100

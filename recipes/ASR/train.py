@@ -226,6 +226,28 @@ def prepare_noise(hparams):
     )
 
 
+def build_tokenizer(hparams, train_csv):
+    """The SentencePiece tokenizer of ``token_type`` trained on the ``wrd`` column of ``train_csv`` (or loaded from
+    ``save_folder``); a ``ValueError`` when it has more tokens than ``output_neurons``."""
+    tokenizer = SentencePiece(
+        model_dir=hparams["save_folder"],
+        vocab_size=hparams["output_neurons"],
+        annotation_train=train_csv,
+        annotation_read="wrd",
+        model_type=hparams["token_type"],
+        character_coverage=1.0,
+        bos_id=-1,
+        eos_id=-1,
+        unk_id=hparams["unk_index"],
+    )
+    if tokenizer.sp.get_piece_size() > hparams["output_neurons"]:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.sp.get_piece_size()} tokens but output_neurons is "
+            f"{hparams['output_neurons']}; raise output_neurons"
+        )
+    return tokenizer
+
+
 def dataio_prepare(hparams, manifests, tokenizer):
     """Datasets with the pipelines ``sig`` (16 kHz waveform) and ``tokens_bos``, ``tokens_eos``, ``tokens``."""
     from lobes.data.manifest import check_manifest
@@ -320,22 +342,7 @@ def main(argv):
     manifests = prepare_on_main(hparams["prepare"])  # {"train", "valid", "test"}: CSV paths
     prepare_noise(hparams)
 
-    tokenizer = SentencePiece(
-        model_dir=hparams["save_folder"],
-        vocab_size=hparams["output_neurons"],
-        annotation_train=manifests["train"],
-        annotation_read="wrd",
-        model_type=hparams["token_type"],
-        character_coverage=1.0,
-        bos_id=-1,
-        eos_id=-1,
-        unk_id=hparams["unk_index"],
-    )
-    if tokenizer.sp.get_piece_size() > hparams["output_neurons"]:
-        raise ValueError(
-            f"the tokenizer has {tokenizer.sp.get_piece_size()} tokens but output_neurons is "
-            f"{hparams['output_neurons']}; raise output_neurons"
-        )
+    tokenizer = build_tokenizer(hparams, manifests["train"])
     if hparams["ctc_weight"] < 1.0 and hparams["model"].decoder is None:
         raise ValueError("ctc_weight < 1 needs an attention decoder: pick a preset with one or set ctc_weight: 1.0")
     datasets = dataio_prepare(hparams, manifests, tokenizer)
