@@ -57,7 +57,7 @@ from lobes.inference.asr_package import package_asr_run
 from lobes.inference.precision import autocast, resolve_precision
 from lobes.inference.pretrained import HPARAMS_FILE, PretrainedError, load_pretrained
 from lobes.inference.sources import AudioSource, audio_sources, batches_by_length, pad_batch
-from lobes.inference.words import Transcript, Word
+from lobes.inference.words import Transcript, Word, windowed_fbank_stats
 from lobes.inference.words import collapse as _collapse
 from lobes.inference.words import ctc_align as _ctc_align
 from lobes.inference.words import text as _text
@@ -250,21 +250,15 @@ class Transcriber:
         Each block is read with enough audio on either side that its frames equal those of the whole
         recording's fbank, so the statistics are the ones ``ASRModel.features`` would compute on it whole.
         """
-        hop, n = int(self.encoder.model.hop_length), source.num_samples
-        pad = self.encoder.frame_samples  # a multiple of the hop, longer than half an FFT window
-        total, total_sq, count = 0.0, 0.0, 0
-        for b0 in range(0, n, self.window):
-            b1 = min(b0 + self.window, n)
-            a = max(b0 - pad, 0)
-            feats = self.encoder.model.fbank(source.segment(a, min(b1 + pad, n))[None].to(self.device))[0].double()
-            first = (b0 - a) // hop  # frames centred in [b0, b1); the last block also keeps the frame at n
-            last = (n // hop if b1 == n else -(-b1 // hop) - 1) - a // hop
-            block = feats[first : last + 1]
-            total = total + block.sum(0)
-            total_sq = total_sq + (block**2).sum(0)
-            count += block.shape[0]
-        mean = total / count
-        return mean.float(), (total_sq / count - mean**2).clamp(min=0.0).float()
+        model = self.encoder.model
+        mean, var = windowed_fbank_stats(
+            source.num_samples,
+            int(model.hop_length),
+            self.window,
+            self.encoder.frame_samples,  # a multiple of the hop, longer than half an FFT window
+            lambda a, b: model.fbank(source.segment(a, b)[None].to(self.device))[0].double().cpu().numpy(),
+        )
+        return torch.from_numpy(mean), torch.from_numpy(var)
 
     @torch.no_grad()
     def _log_probs(

@@ -1,4 +1,5 @@
-"""Words from CTC outputs, in numpy alone: best path, Viterbi alignment, SentencePiece pieces to timed words.
+"""Words from CTC outputs, in numpy alone: best path, Viterbi alignment, SentencePiece pieces to timed words;
+and the whole-recording fbank statistics of a long recording read window by window.
 
 Shared by :class:`lobes.inference.asr.Transcriber` (torch) and the ONNX runtime path
 (:mod:`lobes.onnx.tasks`), which must not import torch.
@@ -14,11 +15,11 @@ Example
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["Transcript", "Word", "best_path", "collapse", "ctc_align", "text", "words"]
+__all__ = ["Transcript", "Word", "best_path", "collapse", "ctc_align", "text", "windowed_fbank_stats", "words"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -136,3 +137,40 @@ def words(
 def text(tokenizer, tokens: Sequence[int]) -> str:
     """The recipe's hypothesis text: SentencePiece's decoding, split into words and joined by one space."""
     return " ".join(tokenizer.decode_ids([int(t) for t in tokens]).split())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Long recordings
+# --------------------------------------------------------------------------------------------------------------
+def windowed_fbank_stats(
+    num_samples: int, hop: int, window: int, pad: int, fbank: Callable[[int, int], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(F,) mean and variance (float32) of a whole recording's fbank, computed one window at a time.
+
+    ``fbank(a, b)`` gives the ``(frames, F)`` fbank of samples ``[a, b)``, frames centred every ``hop`` samples
+    from ``a``. Each window of ``window`` samples is read with ``pad`` samples of context on either side (a
+    multiple of ``hop``, longer than half an FFT window), so the frames kept from it (those centred in the
+    window; the last window also keeps the frame at the end) equal those of the fbank of the whole recording.
+
+    Example
+    -------
+    >>> x = np.random.default_rng(0).random(1001)
+    >>> frames = lambda a, b: x[a : b + 1 : 10, None]  # (frames, 1): one value at each hop from a to b
+    >>> mean, var = windowed_fbank_stats(1000, 10, 300, 20, frames)
+    >>> bool(np.allclose(mean, frames(0, 1000).mean(0)) and np.allclose(var, frames(0, 1000).var(0)))
+    True
+    """
+    total = total_sq = 0.0
+    count = 0
+    for b0 in range(0, num_samples, window):
+        b1 = min(b0 + window, num_samples)
+        a = max(b0 - pad, 0)
+        feats = np.asarray(fbank(a, min(b1 + pad, num_samples)), dtype=np.float64)
+        first = (b0 - a) // hop  # frames centred in [b0, b1); the last block also keeps the frame at the end
+        last = (num_samples // hop if b1 == num_samples else -(-b1 // hop) - 1) - a // hop
+        block = feats[first : last + 1]
+        total = total + block.sum(0)
+        total_sq = total_sq + (block**2).sum(0)
+        count += block.shape[0]
+    mean = total / count
+    return mean.astype(np.float32), np.maximum(total_sq / count - mean**2, 0.0).astype(np.float32)

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from lobes.inference.words import windowed_fbank_stats
 from lobes.inputs import UsageError
 
 __all__ = ["FORMAT_VERSION", "META_PREFIX", "OnnxModel", "OnnxModelError", "asr_fbank_stats", "pad_waves"]
@@ -176,18 +177,5 @@ def asr_fbank(model: OnnxModel, wav: np.ndarray) -> np.ndarray:
 def asr_fbank_stats(model: OnnxModel, wav: np.ndarray, window: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
     """(F,) mean and variance of a whole recording's fbank, read ``window`` samples at a time with ``pad``
     samples of context on either side, as :meth:`lobes.inference.asr.Transcriber._fbank_stats` reads them."""
-    hop, n = int(model.meta["hop_length"]), len(wav)
-    total = total_sq = 0.0
-    count = 0
-    for b0 in range(0, n, window):
-        b1 = min(b0 + window, n)
-        a = max(b0 - pad, 0)
-        feats = asr_fbank(model, wav[a : min(b1 + pad, n)]).astype(np.float64)
-        first = (b0 - a) // hop
-        last = (n // hop if b1 == n else -(-b1 // hop) - 1) - a // hop
-        block = feats[first : last + 1]
-        total = total + block.sum(0)
-        total_sq = total_sq + (block**2).sum(0)
-        count += block.shape[0]
-    mean = total / count
-    return mean.astype(np.float32), np.maximum(total_sq / count - mean**2, 0.0).astype(np.float32)
+    hop = int(model.meta["hop_length"])
+    return windowed_fbank_stats(len(wav), hop, window, pad, lambda a, b: asr_fbank(model, wav[a:b]))
