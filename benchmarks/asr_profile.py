@@ -134,13 +134,14 @@ def profile_config(name: str, yaml_file: str, overrides: list[str], steps: int, 
     import speechbrain as sb
     import torch
 
-    from lobes.recipe import load_hparams
+    from lobes.recipe import load_hparams, resolve_training_precision
 
     train = _train_module()
     out = tempfile.mkdtemp(prefix="asr_profile_")
     argv = [yaml_file, f"--output_folder={out}", *overrides]
     hparams_file, run_opts, override_text = sb.parse_arguments(argv)
     hparams = load_hparams(hparams_file, override_text, root=ROOT)
+    resolve_training_precision(hparams, run_opts)  # as train.py: fp32 where the CPU only emulates bf16
     if prepare:
         manifests = hparams["prepare"]()
     else:

@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
+from lobes.inference.precision import warn_if_emulated
 from lobes.inputs import (
     AUDIO_EXTENSIONS,
     EXIT_FAILED_FILES,
@@ -541,6 +542,8 @@ def _execute(plan: _Plan, args: argparse.Namespace) -> int:
     batches = [[todo[j] for j in b] for b in length_batches([files[i].duration for i in todo], args.batch_seconds)]
     from tqdm import tqdm
 
+    if args.precision == "bf16" and plan.device is not None:
+        warn_if_emulated(plan.device, "bf16", "lobes.extract")
     if args.precision == "bf16" and plan.device is not None and not getattr(args, "tokens", False):
         # weights cast once: faster than autocast, which re-casts them at every call; the fbank stays float32
         model.to(torch.bfloat16)

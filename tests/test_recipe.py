@@ -358,3 +358,37 @@ def test_param_group_schedule_keeps_each_group_rate():
     assert warmup_cosine_factor(100, 10, 100) == 0.0
     with pytest.raises(KeyError, match="base_lr"):
         schedule(torch.optim.SGD(params, lr=0.1), 0)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_training_falls_back_to_fp32_where_the_cpu_only_emulates_it(native, monkeypatch, caplog):
+    import speechbrain as sb
+
+    import lobes.inference.precision as precision
+    from lobes.recipe import resolve_training_precision
+
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device: native)
+    monkeypatch.delenv(precision.FORCE_BF16_ENV, raising=False)
+    # from the YAML
+    hparams = {"precision": "bf16"}
+    _, run_opts, _ = sb.parse_arguments(["x.yaml"])
+    with caplog.at_level("WARNING"):
+        resolve_training_precision(hparams, run_opts)
+    assert hparams["precision"] == ("bf16" if native else "fp32")
+    assert ("no native bfloat16" in caplog.text) is (not native)
+    # from the command line (which speechbrain's Brain prefers)
+    _, run_opts, _ = sb.parse_arguments(["x.yaml", "--precision", "bf16"])
+    assert resolve_training_precision({"precision": "fp32"}, run_opts).precision == ("bf16" if native else "fp32")
+    # kept when asked to
+    monkeypatch.setenv(precision.FORCE_BF16_ENV, "1")
+    for asked in ("bf16", "fp32"):
+        hparams = {"precision": asked}
+        resolve_training_precision(hparams, sb.parse_arguments(["x.yaml"])[1])
+        assert hparams["precision"] == asked
+
+
+def test_native_bfloat16_answers_for_each_device():
+    from lobes.inference.precision import native_bfloat16
+
+    assert native_bfloat16("cpu") == bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    assert native_bfloat16("cuda") == bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())

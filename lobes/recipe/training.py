@@ -25,6 +25,7 @@ __all__ = [
     "count_optimizer_steps",
     "guard_checkpoints",
     "prepare_on_main",
+    "resolve_training_precision",
     "set_schedule_length",
     "spawn_workers_if_asked",
     "warmup_cosine_factor",
@@ -34,6 +35,47 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+def resolve_training_precision(hparams: Mapping, run_opts: T, device: str | None = None) -> T:
+    """The run options of a recipe run with its training precision settled: its ``precision`` (command line
+    first, then the YAML), but ``fp32`` where the device only emulates bfloat16 (see
+    :func:`lobes.inference.precision.native_bfloat16`).
+
+    The YAMLs ask for ``bf16`` because it is faster on CPUs with AVX512-BF16 / AMX and on GPUs; on an AVX2-only
+    CPU the same run would take many times longer than in float32, so the run switches to ``fp32`` and logs
+    it (``LOBES_FORCE_BF16=1`` keeps bf16). ``hparams["precision"]`` is updated in place; speechbrain's
+    ``RunOptions`` is frozen, so a copy is returned: pass it to the ``Brain``.
+
+    Example
+    -------
+    >>> from speechbrain.core import RunOptions
+    >>> resolve_training_precision({"precision": "fp32"}, RunOptions()).precision
+    'fp32'
+    """
+    import dataclasses
+
+    from lobes.inference.precision import FORCE_BF16_ENV, native_bfloat16
+
+    overridden = getattr(run_opts, "overridden_args", set())
+    from_command_line = "precision" in overridden
+    precision = run_opts.precision if from_command_line else hparams.get("precision", run_opts.precision)
+    if device is None:
+        device = run_opts.device if "device" in overridden else hparams.get("device", run_opts.device or "cpu")
+    if precision == "bf16" and not native_bfloat16(device) and os.environ.get(FORCE_BF16_ENV) != "1":
+        logger.warning(
+            "precision bf16 asked, but %s has no native bfloat16 (AVX512-BF16 / AMX on CPUs): training in fp32, "
+            "which is many times faster here (set %s=1 to keep bf16)",
+            device,
+            FORCE_BF16_ENV,
+        )
+        if "precision" in hparams:
+            hparams["precision"] = "fp32"
+        if from_command_line:
+            run_opts = dataclasses.replace(run_opts, precision="fp32")
+    elif not from_command_line and "precision" in hparams:
+        hparams["precision"] = precision
+    return run_opts
 
 
 def world_size() -> int:

@@ -49,6 +49,7 @@ from lobes.recipe import (
     guard_checkpoints,
     load_hparams,
     prepare_on_main,
+    resolve_training_precision,
     save_figure,
     save_hyperparams,
     set_schedule_length,
@@ -282,6 +283,7 @@ def main(argv):
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     sb.utils.distributed.ddp_init_group(run_opts)  # no-op unless launched with torchrun
     hparams = load_hparams(hparams_file, overrides, debug=run_opts.get("debug", False), root=REPOSITORY_ROOT)
+    run_opts = resolve_training_precision(hparams, run_opts)  # fp32 where the CPU only emulates bf16
     check_hparams(hparams)
     status = spawn_workers_if_asked(__file__, argv, hparams, run_opts)  # plain `python train.py` on CPU
     if status is not None:
