@@ -119,6 +119,172 @@ class _RecomputedBlock(torch.autograd.Function):
         return (None, None, *result)
 
 
+def _sub_block(block: int, chunk_size: int, frames: int = 16) -> int:
+    """Frames per sub-block of the chunk-causal training kernel: whole chunks, at most ``max(chunk_size, frames)``
+    frames, dividing ``block`` (a multiple of ``chunk_size``)."""
+    chunks = block // chunk_size
+    most = max(1, frames // chunk_size)
+    return chunk_size * max(m for m in range(1, min(most, chunks) + 1) if chunks % m == 0)
+
+
+def _reach(chunks: int, frames: int, chunk_size: int, like: torch.Tensor) -> torch.Tensor:
+    """(chunks, frames): 1 where frame ``s`` of a sub-block lies in a chunk ``<= j``, else 0."""
+    j = torch.arange(chunks, device=like.device).unsqueeze(1)
+    s = torch.arange(frames, device=like.device).unsqueeze(0) // chunk_size
+    return (s <= j).to(like.dtype)
+
+
+def _causal_core(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, start: torch.Tensor, chunk_size: int, sub: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The token mixing of one block, in the generated weights' space.
+
+    x (Z, T, dh), w1 / w2 (Z, T, hs) (one row per frame), start (Z, dh, hs) = Σ x_s ⊗ W1_s over the frames
+    before the block; ``T`` is a multiple of ``sub`` (frames per sub-block, whole chunks). Every chunk's hidden
+    layer ``S_j = start + Σ_{s ≤ end of chunk j} x_s ⊗ W1_s`` is one batched product per sub-block (the chunks
+    of a sub-block as a lower-triangular mask over its frames) plus the sub-blocks before it; no Python loop
+    over frames or chunks. Returns the output ``W2_t · gelu(S_chunk(t))`` (Z, T, dh), S and gelu(S)
+    (Z, T / sub, chunks per sub-block, dh, hs).
+    """
+    Z, T, dh = x.shape
+    hs = w1.size(-1)
+    n_sub, n = T // sub, sub // chunk_size
+    xs, w1s = x.view(Z, n_sub, sub, dh), w1.view(Z, n_sub, sub, hs)
+    totals = torch.matmul(xs.transpose(-1, -2), w1s).view(Z, n_sub, dh * hs)  # each sub-block's Σ x ⊗ W1
+    # sums over the sub-blocks before (and including, for one chunk per sub-block) each one, plus the start:
+    # a product with a triangular matrix (a cumulative sum along a short axis is slower on CPU)
+    lower = torch.ones(n_sub, n_sub, dtype=x.dtype, device=x.device).tril(0 if n == 1 else -1)
+    summed = torch.baddbmm(start.view(Z, 1, dh * hs), lower.expand(Z, n_sub, n_sub), totals).view(Z, n_sub, dh, hs)
+    if n == 1:
+        hidden = summed.unsqueeze(2)  # (Z, n_sub, 1, dh, hs)
+    else:
+        masked = xs.unsqueeze(2) * _reach(n, sub, chunk_size, x).view(1, 1, n, sub, 1)  # (Z, n_sub, n, sub, dh)
+        hidden = torch.matmul(masked.transpose(-1, -2), w1s.unsqueeze(2))  # (Z, n_sub, n, dh, hs)
+        hidden += summed.unsqueeze(2)
+    act = F.gelu(hidden)
+    out = torch.matmul(w2.view(Z, n_sub, n, chunk_size, hs), act.transpose(-1, -2))  # (Z, n_sub, n, C, dh)
+    return out.view(Z, T, dh), hidden, act
+
+
+def _causal_core_backward(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    hidden: torch.Tensor,
+    act: torch.Tensor,
+    later: torch.Tensor,
+    grad_out: torch.Tensor,
+    chunk_size: int,
+    sub: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`_causal_core` given ``grad_out`` (Z, T, dh) and ``later`` (Z, dh, hs), the loss's
+    gradient with respect to the hidden layers of every chunk after the block, summed (each of them sums this
+    block's frames). Returns the gradients of x, w1, w2 and ``later`` for the block before this one."""
+    Z, T, dh = x.shape
+    hs = w1.size(-1)
+    n_sub, n = T // sub, sub // chunk_size
+    xs, w1s = x.view(Z, n_sub, sub, dh), w1.view(Z, n_sub, sub, hs)
+    grad_outs = grad_out.view(Z, n_sub, n, chunk_size, dh)
+    grad_w2 = torch.matmul(grad_outs, act)  # (Z, n_sub, n, C, hs)
+    grad_act = torch.matmul(grad_outs.transpose(-1, -2), w2.view(Z, n_sub, n, chunk_size, hs))
+    grad_hidden = torch.ops.aten.gelu_backward(grad_act, hidden)  # (Z, n_sub, n, dh, hs)
+    del grad_act
+    per_sub = (grad_hidden.sum(2) if n > 1 else grad_hidden[:, :, 0]).reshape(Z, n_sub, dh * hs)
+    # the gradient reaching each sub-block's frames from the sub-blocks after it (and from itself, for one
+    # chunk per sub-block) and from later blocks
+    upper = torch.ones(n_sub, n_sub, dtype=x.dtype, device=x.device).triu(0 if n == 1 else 1)
+    after = torch.baddbmm(later.view(Z, 1, dh * hs), upper.expand(Z, n_sub, n_sub), per_sub).view(Z, n_sub, dh, hs)
+    earlier = (per_sub.sum(1) + later.view(Z, dh * hs)).view(Z, dh, hs)  # for the block before this one
+    if n == 1:  # one chunk per sub-block: its frames all reach the same hidden layers
+        grad_x = torch.matmul(w1s, after.transpose(-1, -2))  # (Z, n_sub, sub, dh)
+        grad_w1 = torch.matmul(xs, after)  # (Z, n_sub, sub, hs)
+    else:  # frame s reaches the hidden layers of its own chunk and the later ones of its sub-block
+        reach = _reach(n, sub, chunk_size, x)
+        per_frame = torch.matmul(grad_hidden, w1s.transpose(-1, -2).unsqueeze(2))  # (Z, n_sub, n, dh, sub)
+        grad_x = (per_frame * reach.view(1, 1, n, 1, sub)).sum(2).transpose(-1, -2)
+        grad_x = grad_x + torch.matmul(w1s, after.transpose(-1, -2))
+        per_frame = torch.matmul(xs.unsqueeze(2), grad_hidden)  # (Z, n_sub, n, sub, hs)
+        grad_w1 = (per_frame * reach.view(1, 1, n, sub, 1)).sum(2) + torch.matmul(xs, after)
+    return grad_x.reshape(Z, T, dh), grad_w1.reshape(Z, T, hs), grad_w2.reshape(Z, T, hs), earlier
+
+
+class _ChunkCausalTraining(torch.autograd.Function):
+    """Training forward and backward of :class:`ChunkCausalHyperMixing` (``normalize=False``, from the start of
+    the sequences), with the token mixing's gradient written out (:func:`_causal_core_backward`).
+
+    The forward keeps nothing but the input, the padding mask and the running sum (in the hypernetwork's
+    hidden space, ``(B, H, dh, k + 1)``) at each block start; the backward walks the blocks from the last,
+    recomputes each block's generated weights (through autograd: the hypernetwork and the layer norm are
+    small) and hidden layers, and carries the gradient summed over the later chunks' hidden layers. Compared
+    with recomputing each block under autograd, the hidden layers live in ``(dh, hs)`` per chunk (no
+    ``(k + 1) -> hs`` map per chunk), the gradient of the input is written once into one ``(B, L, d)``
+    tensor, and autograd keeps no graph of the ``(chunks, dh, hs)`` tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, mixer, chunk_size: int, keep, x, *params):  # params: the mixer's, for their gradients
+        device = x.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.mixer, ctx.chunk_size, ctx.params = mixer, chunk_size, params
+        blocks = mixer._blocks(x.size(1), chunk_size)
+        pe = mixer._positions(0, x.size(1), x)
+        state = mixer._zero_state(x.size(0), x).sums
+        starts, outs = [], []
+        with torch.no_grad():
+            for begin, end in blocks:
+                starts.append(state)
+                keep_block = None if keep is None else keep[:, begin:end]
+                piece = mixer._training_piece(x[:, begin:end], keep_block, pe[begin:end])
+                out, state = mixer._causal_block(piece, state, chunk_size)[:2]
+                outs.append(mixer._finish(out, keep_block, x.dtype, end - begin))
+        ctx.starts, ctx.blocks = starts, blocks
+        ctx.save_for_backward(x, keep)
+        return torch.cat(outs, 1) if len(outs) > 1 else outs[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, keep = ctx.saved_tensors
+        mixer, C, params = ctx.mixer, ctx.chunk_size, ctx.params
+        need_x = ctx.needs_input_grad[3]
+        wanted = [p for p, need in zip(params, ctx.needs_input_grad[4:]) if need]
+        grad_x = torch.zeros_like(x) if need_x else None
+        grad_params = {id(p): None for p in wanted}
+        device, enabled, dtype = ctx.autocast
+        pe = mixer._positions(0, x.size(1), x)
+        later = None
+        for (begin, end), start in zip(reversed(ctx.blocks), reversed(ctx.starts)):
+            keep_block = None if keep is None else keep[:, begin:end]
+            x_block = x[:, begin:end].detach().requires_grad_(need_x)
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+                piece = mixer._training_piece(x_block, keep_block, pe[begin:end])
+            with torch.no_grad():
+                out, _, saved = mixer._causal_block(piece, start, C)
+            mixed = out.detach().requires_grad_()
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+                final = mixer._finish(mixed, keep_block, x.dtype, end - begin)
+            ln = [p for p in wanted if any(p is q for q in mixer.layer_norm.parameters())]
+            found = torch.autograd.grad(final, [mixed, *ln], grad[:, begin:end], allow_unused=True)
+            for p, g in zip(ln, found[1:]):
+                _accumulate(grad_params, p, g)
+            with torch.no_grad():
+                grads, later = mixer._causal_block_backward(piece, saved, found[0], later, C)
+            pairs = [(t, g.to(t.dtype)) for t, g in zip(piece, grads) if g is not None and t.requires_grad]
+            inputs = ([x_block] if need_x else []) + [p for p in wanted if all(p is not q for q in ln)]
+            if pairs and inputs:
+                found = torch.autograd.grad([t for t, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
+                if need_x:
+                    grad_x[:, begin:end] = found[0]
+                    found = found[1:]
+                for p, g in zip(inputs[1 if need_x else 0 :], found):
+                    _accumulate(grad_params, p, g)
+        return (None, None, None, grad_x, *[grad_params.get(id(p)) for p in params])
+
+
+def _accumulate(grads: dict, p: torch.Tensor, g: Optional[torch.Tensor]) -> None:
+    if g is not None:
+        grads[id(p)] = g if grads[id(p)] is None else grads[id(p)] + g
+
+
 # --------------------------------------------------------------------------------------------------
 # Public modules
 # --------------------------------------------------------------------------------------------------
@@ -606,6 +772,34 @@ class ChunkCausalHyperMixing(HyperMixing):
         acc = _accumulation_dtype(x.dtype)
         return HyperMixingState(x.new_zeros(B, H, dh, k + 1, dtype=acc), x.new_zeros(B, dtype=acc), 0)
 
+    def _generate(
+        self, x: torch.Tensor, keep: Optional[torch.Tensor], pe: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The frames by head and the hypernetworks' hidden activations, as in :meth:`HyperMixing.forward`.
+
+        x (B, T, d), keep (B, T) or None (padded frames are zeroed: they take no part), pe (T, d) ->
+        xm (H, B, T, dh), g1 and g2 (H, B * T, k) (the same tensor when the weights are tied).
+        """
+        B, T, d = x.shape
+        H = self.num_heads
+        dh = d // H
+        if keep is not None:
+            x = x * keep.unsqueeze(-1)
+        xm = _heads_first(x, H)  # (H, B, T, dh)
+        hyp_in = (xm + pe.view(T, H, dh).transpose(0, 1).unsqueeze(1)).view(H, B * T, dh)
+        g1 = self.hyper.w1_gen.hidden(hyp_in)  # (H, B*T, k)
+        g2 = g1 if self.hyper.tied else self.hyper.w2_gen.hidden(hyp_in)
+        return xm, g1, g2
+
+    def _finish(self, out: torch.Tensor, keep: Optional[torch.Tensor], dtype: torch.dtype, T: int) -> torch.Tensor:
+        """out (H, B, T', dh) with T' >= T -> the layer norm of its first T frames as (B, T, d) in ``dtype``,
+        padded frames zeroed before it."""
+        H, B, _, dh = out.shape
+        out = out[:, :, :T].permute(1, 2, 0, 3).reshape(B, T, H * dh).to(dtype)
+        if keep is not None:
+            out = out * keep.unsqueeze(-1)
+        return self.layer_norm(out)
+
     def _mix_piece(
         self,
         x: torch.Tensor,
@@ -623,16 +817,9 @@ class ChunkCausalHyperMixing(HyperMixing):
         B, T, d = x.shape
         H, C = self.num_heads, chunk_size
         dh = d // H
-        w1_gen, w2_gen = self.hyper.w1_gen, self.hyper.w2_gen
+        w2_gen = self.hyper.w2_gen
         acc = _accumulation_dtype(x.dtype)
-        if keep is not None:
-            x = x * keep.unsqueeze(-1)  # padded frames take no part
-
-        # hypernetwork hidden activations, as in HyperMixing.forward
-        xm = _heads_first(x, H)  # (H, B, T, dh)
-        hyp_in = (xm + pe.view(T, H, dh).transpose(0, 1).unsqueeze(1)).view(H, B * T, dh)
-        g1 = w1_gen.hidden(hyp_in)  # (H, B*T, k)
-        g2 = g1 if self.hyper.tied else w2_gen.hidden(hyp_in)  # (H, B*T, k)
+        xm, g1, g2 = self._generate(x, keep, pe)  # (H, B, T, dh), (H, B*T, k) twice
         k = g1.size(-1)
 
         # per chunk: Σ_s x_s ⊗ [g1_s, 1] over its frames; the last block of a sequence may end mid-chunk
@@ -655,7 +842,7 @@ class ChunkCausalHyperMixing(HyperMixing):
             running = running / seen.clamp(min=1).view(1, B, n_chunks, 1, 1)
 
         # each chunk's hidden layer: W1's space is [fc2 weights | fc2 bias] applied to [G1 | 1] sums
-        w1_map = torch.cat([w1_gen.fc2_weights, w1_gen.fc2_biases.unsqueeze(-1)], -1).to(acc)  # (H, hs, k+1)
+        w1_map = self._w1_map(acc)  # (H, hs, k+1)
         hidden = torch.matmul(running.reshape(H, B * n_chunks * dh, k + 1), w1_map.transpose(1, 2))  # (H, B*n*dh, hs)
         hs = hidden.size(-1)
         act = self.activation(hidden).view(H, B, n_chunks, dh, hs)
@@ -667,10 +854,68 @@ class ChunkCausalHyperMixing(HyperMixing):
             out = (act * w2.unsqueeze(-2)).sum(-1)  # (H, B, T, dh)
         else:
             out = torch.matmul(w2.view(H, B, n_chunks, C, hs), act.transpose(-1, -2))  # (H, B, n, C, dh)
-        out = out.reshape(H, B, T + pad, dh)[:, :, :T].permute(1, 2, 0, 3).reshape(B, T, d).to(x.dtype)
-        if keep is not None:
-            out = out * keep.unsqueeze(-1)
-        return self.layer_norm(out), new_sums, new_count
+        out = out.reshape(H, B, T + pad, dh)
+        return self._finish(out, keep, x.dtype, T), new_sums, new_count
+
+    def _w1_map(self, dtype: torch.dtype) -> torch.Tensor:
+        """(H, hs, k + 1): ``[fc2 weights | fc2 bias]`` of the first hypernetwork, mapping ``[G1, 1]`` to W1."""
+        w1_gen = self.hyper.w1_gen
+        return torch.cat([w1_gen.fc2_weights, w1_gen.fc2_biases.unsqueeze(-1)], -1).to(dtype)
+
+    # ------------------------------------------------------------------ training kernel (normalize=False)
+    def _blocks(self, L: int, chunk_size: int) -> list[tuple[int, int]]:
+        """(begin, end) of the blocks of an ``L``-frame sequence."""
+        block = self._block_length(chunk_size)
+        return [(b, min(L, b + block)) for b in range(0, L, block)]
+
+    def _training_piece(
+        self, x: torch.Tensor, keep: Optional[torch.Tensor], pe: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, d) -> frames (Z, T, dh), G1 (Z, T, k), W1 and W2 rows (Z, T, hs), with Z = H · B (head-major)."""
+        B, T, _ = x.shape
+        H = self.num_heads
+        xm, g1, g2 = self._generate(x, keep, pe)
+        rows = [
+            torch.baddbmm(gen.fc2_biases.unsqueeze(1), g, gen.fc2_weights.transpose(1, 2)).view(H * B, T, -1)
+            for gen, g in ((self.hyper.w1_gen, g1), (self.hyper.w2_gen, g2))
+        ]
+        w2 = rows[0] if self.hyper.tied else rows[1]
+        return xm.reshape(H * B, T, -1), g1.view(H * B, T, -1), rows[0], w2
+
+    def _causal_block(self, piece: tuple, sums: torch.Tensor, chunk_size: int):
+        """The mixing of one block by :func:`_causal_core`, from ``sums`` (B, H, dh, k + 1), the state before it.
+
+        Returns the output (H, B, T', dh) (T' >= T: padded to whole sub-blocks), the state after the block and
+        what :meth:`_causal_block_backward` needs.
+        """
+        xm, g1, w1, w2 = piece
+        Z, T, dh = xm.shape
+        H = self.num_heads
+        B, acc = Z // H, sums.dtype
+        sub = _sub_block(self._block_length(chunk_size), chunk_size)
+        pad = (-T) % sub
+        with torch.autocast(xm.device.type, enabled=False):
+            sums_z = sums.transpose(0, 1).reshape(Z, dh, -1)  # (Z, dh, k+1)
+            w1_map = self._w1_map(acc)
+            start = torch.bmm(sums_z.view(H, B * dh, -1), w1_map.transpose(1, 2)).view(Z, dh, -1)  # (Z, dh, hs)
+            xa, w1a, w2a = (_pad_time(t.to(acc), pad) for t in (xm, w1, w2))
+            out, hidden, act = _causal_core(xa, w1a, w2a, start, chunk_size, sub)
+            g1e = torch.cat([g1.to(acc), g1.new_ones(Z, T, 1, dtype=acc)], -1)
+            sums_z = torch.baddbmm(sums_z, xm.to(acc).transpose(1, 2), g1e)
+        new_sums = sums_z.view(H, B, dh, -1).transpose(0, 1).contiguous()
+        return out.view(H, B, T + pad, dh), new_sums, (xa, w1a, w2a, hidden, act, sub, T)
+
+    def _causal_block_backward(self, piece: tuple, saved: tuple, grad_out: torch.Tensor, later, chunk_size: int):
+        """Gradients of the block's frames, W1 and W2 rows (aligned with ``piece``; None for G1, whose part
+        reaches the loss through W1) and the gradient carried to the block before (see
+        :func:`_causal_core_backward`)."""
+        xa, w1a, w2a, hidden, act, sub, T = saved
+        Z, Tp, dh = xa.shape
+        if later is None:
+            later = xa.new_zeros(Z, dh, w1a.size(-1))
+        grad_out = grad_out.reshape(Z, Tp, dh).to(xa.dtype)  # (H, B, T', dh) -> (Z, T', dh)
+        gx, gw1, gw2, later = _causal_core_backward(xa, w1a, w2a, hidden, act, later, grad_out, chunk_size, sub)
+        return [gx[:, :T], None, gw1[:, :T], gw2[:, :T]], later
 
     def _run(
         self,
@@ -765,7 +1010,11 @@ class ChunkCausalHyperMixing(HyperMixing):
             )
         B, L, _ = query.shape
         keep = self._keep(key_padding_mask, B, L, query.dtype, "forward")
-        out, _ = self._run(query, keep, 0, self._zero_state(B, query), C)
+        params = [p for p in self.parameters() if p.requires_grad]
+        if torch.is_grad_enabled() and (query.requires_grad or params) and not self.normalize and L:
+            out = _ChunkCausalTraining.apply(self, C, keep, query, *params)
+        else:
+            out, _ = self._run(query, keep, 0, self._zero_state(B, query), C)
         return out, out.new_zeros(()).expand(B, L, L)
 
     def forward_chunk(

@@ -290,3 +290,52 @@ def test_bfloat16_runs_and_stays_close():
     assert xb.grad.dtype == torch.bfloat16 and torch.isfinite(xb.grad.float()).all()
     y, state = low.forward_chunk(xb[:, :10].detach())
     assert y.dtype == torch.bfloat16 and state.sums.dtype == torch.float32
+
+
+def _training_step(mixer, x, mask, weights, streamed):
+    """Output and gradients (input, then every parameter) of ``sum(out * weights)``."""
+    mixer.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    if streamed:  # the block-checkpointed path, through the streaming call from an empty state
+        out = mixer.forward_chunk(x, key_padding_mask=mask)[0]
+    else:  # the training kernel
+        out = mixer(x, x, x, key_padding_mask=mask)[0]
+    (out * weights).sum().backward()
+    return out.detach(), [x.grad] + [p.grad for _, p in mixer.named_parameters()]
+
+
+@pytest.mark.parametrize(
+    "chunk,tied,fix,blocks",
+    [(1, False, False, None), (1, True, False, (5, 3)), (3, False, True, (7, 2)), (4, False, False, None),
+     (16, False, False, (20, 64)), (2, True, True, (6, 64))],
+)
+def test_training_kernel_equals_the_checkpointed_path(chunk, tied, fix, blocks):
+    """forward() under autograd (the training kernel, its backward written out) gives the output and every
+    gradient of the streaming call, which recomputes blocks under autograd."""
+    torch.manual_seed(chunk)
+    mixer = _mixer(chunk, 2, tied=tied, fix=fix, max_length=20)  # runs past the precomputed positions
+    if blocks is not None:
+        mixer._block_frames, mixer._block_chunks = blocks
+    lengths = [45, 31, 8]
+    x = torch.randn(3, 45, D)
+    mask = _padding_mask(lengths, 45)
+    weights = torch.randn(3, 45, D)
+    out, grads = _training_step(mixer, x, mask, weights, streamed=False)
+    ref_out, ref_grads = _training_step(mixer, x, mask, weights, streamed=True)
+    assert _max_diff(out, ref_out) <= 1e-5
+    names = ["input"] + [n for n, _ in mixer.named_parameters()]
+    for name, g, ref in zip(names, grads, ref_grads):
+        assert g is not None and ref is not None, name
+        assert _max_diff(g, ref) <= 1e-4 * max(1.0, ref.abs().max().item()), name
+
+
+def test_training_kernel_under_autocast():
+    mixer = _mixer(2, 2)
+    x = torch.randn(2, 30, D)
+    weights = torch.randn(2, 30, D)
+    ref_out, ref_grads = _training_step(mixer, x, None, weights, streamed=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = _training_step(mixer, x, None, weights, streamed=False)
+    assert _max_diff(out.float(), ref_out) <= 0.1
+    for g, ref in zip(grads, ref_grads):
+        assert torch.isfinite(g).all() and F.cosine_similarity(g.flatten().float(), ref.flatten(), dim=0) > 0.98
