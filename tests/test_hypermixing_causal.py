@@ -306,8 +306,14 @@ def _training_step(mixer, x, mask, weights, streamed):
 
 @pytest.mark.parametrize(
     "chunk,tied,fix,blocks",
-    [(1, False, False, None), (1, True, False, (5, 3)), (3, False, True, (7, 2)), (4, False, False, None),
-     (16, False, False, (20, 64)), (2, True, True, (6, 64))],
+    [
+        (1, False, False, None),
+        (1, True, False, (5, 3)),
+        (3, False, True, (7, 2)),
+        (4, False, False, None),
+        (16, False, False, (20, 64)),
+        (2, True, True, (6, 64)),
+    ],
 )
 def test_training_kernel_equals_the_checkpointed_path(chunk, tied, fix, blocks):
     """forward() under autograd (the training kernel, its backward written out) gives the output and every

@@ -392,3 +392,17 @@ def test_native_bfloat16_answers_for_each_device():
 
     assert native_bfloat16("cpu") == bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     assert native_bfloat16("cuda") == bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def test_inference_bf16_on_an_emulating_device_warns_once(monkeypatch, caplog):
+    import lobes.inference.precision as precision
+
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device: False)
+    monkeypatch.setattr(precision, "_warned", set())
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            with precision.autocast(torch.device("cpu"), "bf16"):
+                assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16  # still bf16: asked for
+            with precision.autocast(torch.device("cpu"), "fp32"):
+                pass
+    assert caplog.text.count("no native bfloat16") == 1

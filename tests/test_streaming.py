@@ -392,9 +392,10 @@ TINY = {"d_model": 16, "d_ffn": 32, "nhead": 2, "num_encoder_layers": 2, "fronte
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_full_context_presets_give_the_recorded_outputs_bit_for_bit(name):
+def test_full_context_presets_give_the_recorded_outputs(name):
     """tests/data/full_context_reference.pt holds the state dicts, inputs and outputs of tiny versions of the
-    presets, recorded before the chunked mode existed; the same weights must give exactly the same outputs."""
+    presets, recorded before the chunked mode existed; the same weights must give the same outputs: bit for bit
+    on the CPU kind they were recorded on, to a few float32 ulps on others."""
     ref = torch.load(ROOT / "tests" / "data" / "full_context_reference.pt", weights_only=True)
     overrides = dict(TINY)
     if name not in ("transformer_small", "primer_small"):
@@ -415,10 +416,18 @@ def test_full_context_presets_give_the_recorded_outputs_bit_for_bit(name):
             ctc, lengths, seq = model(ref["wavs"], ref["wav_lens"], tokens)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(ctc, recorded["ctc"])
+    # Recorded on a CPU with AVX-512; an AVX2-only CPU's kernels round differently (up to 7.2e-7 seen on these
+    # outputs, 2026-12-02), so equality holds to a few float32 ulps there. Bit for bit is what one CPU kind shows.
+    tolerance = 0.0 if _same_kernels_as_recorded() else 2e-6
+    assert (ctc - recorded["ctc"]).abs().max().item() <= tolerance
     assert torch.equal(lengths, recorded["lengths"])
     if tokens is not None:
-        assert torch.equal(seq, recorded["seq"])
+        assert (seq - recorded["seq"]).abs().max().item() <= tolerance
+
+
+def _same_kernels_as_recorded() -> bool:
+    """Whether this CPU runs the kernels tests/data/full_context_reference.pt was recorded with (AVX-512)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 @pytest.mark.parametrize("name", ["hyperconformer_streaming_small", "conformer_streaming_small"])
