@@ -73,8 +73,6 @@ def resolve_training_precision(hparams: Mapping, run_opts: T, device: str | None
             hparams["precision"] = "fp32"
         if from_command_line:
             run_opts = dataclasses.replace(run_opts, precision="fp32")
-    elif not from_command_line and "precision" in hparams:
-        hparams["precision"] = precision
     return run_opts
 
 
