@@ -544,9 +544,9 @@ def _execute(plan: _Plan, args: argparse.Namespace) -> int:
 
     if args.precision == "bf16" and plan.device is not None:
         warn_if_emulated(plan.device, "bf16", "lobes.extract")
-    if args.precision == "bf16" and plan.device is not None and not getattr(args, "tokens", False):
-        # weights cast once: faster than autocast, which re-casts them at every call; the fbank stays float32
-        model.to(torch.bfloat16)
+        if not getattr(args, "tokens", False):
+            # weights cast once: faster than autocast, which re-casts them at every call; the fbank stays float32
+            model.to(torch.bfloat16)
     start = time.perf_counter()
     seconds = 0.0
     with tqdm(

@@ -254,6 +254,8 @@ class _ChunkCausalTraining(torch.autograd.Function):
         grad_params = {id(p): None for p in wanted}
         device, enabled, dtype = ctx.autocast
         pe = mixer._positions(0, x.size(1), x)
+        ln = [p for p in wanted if any(p is q for q in mixer.layer_norm.parameters())]  # reached through the norm
+        hyper = [p for p in wanted if all(p is not q for q in ln)]  # reached through the generated weights
         later = None
         for (begin, end), start in zip(reversed(ctx.blocks), reversed(ctx.starts)):
             keep_block = None if keep is None else keep[:, begin:end]
@@ -265,14 +267,13 @@ class _ChunkCausalTraining(torch.autograd.Function):
             mixed = out.detach().requires_grad_()
             with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
                 final = mixer._finish(mixed, keep_block, x.dtype, end - begin)
-            ln = [p for p in wanted if any(p is q for q in mixer.layer_norm.parameters())]
             found = torch.autograd.grad(final, [mixed, *ln], grad[:, begin:end], allow_unused=True)
             for p, g in zip(ln, found[1:]):
                 _accumulate(grad_params, p, g)
             with torch.no_grad():
                 grads, later = mixer._causal_block_backward(piece, saved, found[0], later, C)
             pairs = [(t, g.to(t.dtype)) for t, g in zip(piece, grads) if g is not None and t.requires_grad]
-            inputs = ([x_block] if need_x else []) + [p for p in wanted if all(p is not q for q in ln)]
+            inputs = ([x_block] if need_x else []) + hyper
             if pairs and inputs:
                 found = torch.autograd.grad([t for t, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
                 if need_x:
@@ -360,6 +361,10 @@ class ParallelMLPs(nn.Module):
         z = torch.baddbmm(self.fc1_biases.unsqueeze(1), x, self.fc1_weights.transpose(1, 2))  # (M, N, h)
         return self.activation(z)
 
+    def output(self, g: torch.Tensor) -> torch.Tensor:
+        """Outputs of every MLP from their hidden activations: (num_mlps, N, h) -> (num_mlps, N, output size)."""
+        return torch.baddbmm(self.fc2_biases.unsqueeze(1), g, self.fc2_weights.transpose(1, 2))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """
         Arguments
@@ -378,7 +383,7 @@ class ParallelMLPs(nn.Module):
             )
         B, L, _ = x.shape
         g = self.hidden(_heads_first(x, self.num_mlps).view(self.num_mlps, B * L, self.input_size))
-        w = torch.baddbmm(self.fc2_biases.unsqueeze(1), g, self.fc2_weights.transpose(1, 2))  # (M, B*L, o)
+        w = self.output(g)  # (M, B*L, o)
         return w.view(self.num_mlps, B, L, self.output_size).transpose(0, 1)  # (B, M, L, o)
 
 
@@ -829,7 +834,6 @@ class ChunkCausalHyperMixing(HyperMixing):
         B, T, d = x.shape
         H, C = self.num_heads, chunk_size
         dh = d // H
-        w2_gen = self.hyper.w2_gen
         acc = _accumulation_dtype(x.dtype)
         xm, g1, g2 = self._generate(x, keep, pe)  # (H, B, T, dh), (H, B*T, k) twice
         k = g1.size(-1)
@@ -860,7 +864,7 @@ class ChunkCausalHyperMixing(HyperMixing):
         act = self.activation(hidden).view(H, B, n_chunks, dh, hs)
 
         # read-out with each frame's own W2 row
-        w2 = torch.baddbmm(w2_gen.fc2_biases.unsqueeze(1), g2, w2_gen.fc2_weights.transpose(1, 2))  # (H, B*T, hs)
+        w2 = self.hyper.w2_gen.output(g2)  # (H, B*T, hs)
         w2 = _pad_time(w2.to(acc).view(H, B, T, hs), pad)  # (H, B, T', hs)
         if C == 1:
             out = (act * w2.unsqueeze(-2)).sum(-1)  # (H, B, T, dh)
@@ -887,12 +891,9 @@ class ChunkCausalHyperMixing(HyperMixing):
         B, T, _ = x.shape
         H = self.num_heads
         xm, g1, g2 = self._generate(x, keep, pe)
-        rows = [
-            torch.baddbmm(gen.fc2_biases.unsqueeze(1), g, gen.fc2_weights.transpose(1, 2)).view(H * B, T, -1)
-            for gen, g in ((self.hyper.w1_gen, g1), (self.hyper.w2_gen, g2))
-        ]
-        w2 = rows[0] if self.hyper.tied else rows[1]
-        return xm.reshape(H * B, T, -1), g1.view(H * B, T, -1), rows[0], w2
+        w1 = self.hyper.w1_gen.output(g1).view(H * B, T, -1)
+        w2 = w1 if self.hyper.tied else self.hyper.w2_gen.output(g2).view(H * B, T, -1)
+        return xm.reshape(H * B, T, -1), g1.view(H * B, T, -1), w1, w2
 
     def _causal_block(self, piece: tuple, sums: torch.Tensor, chunk_size: int):
         """The mixing of one block by :func:`_causal_core`, from ``sums`` (B, H, dh, k + 1), the state before it.
@@ -1022,9 +1023,9 @@ class ChunkCausalHyperMixing(HyperMixing):
             )
         B, L, _ = query.shape
         keep = self._keep(key_padding_mask, B, L, query.dtype, "forward")
-        params = [p for p in self.parameters() if p.requires_grad]
-        kernel = C < self._kernel_below_chunk and not self.normalize
-        if torch.is_grad_enabled() and (query.requires_grad or params) and kernel and L:
+        kernel = C < self._kernel_below_chunk and not self.normalize and L > 0 and torch.is_grad_enabled()
+        params = [p for p in self.parameters() if p.requires_grad] if kernel else []
+        if kernel and (query.requires_grad or params):
             out = _ChunkCausalTraining.apply(self, C, keep, query, *params)
         else:
             out, _ = self._run(query, keep, 0, self._zero_state(B, query), C)

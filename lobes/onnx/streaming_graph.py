@@ -251,11 +251,11 @@ class StreamingASRGraph(nn.Module):
         new_sums = running.transpose(0, 1)
         if mixer.normalize:
             running = running / seen.clamp(min=1).view(1, B, 1, 1)
-        w1_map = torch.cat([w1_gen.fc2_weights, w1_gen.fc2_biases.unsqueeze(-1)], dim=-1)  # (H, hs, k + 1)
+        w1_map = mixer._w1_map(running.dtype)  # (H, hs, k + 1)
         hidden = torch.matmul(running.reshape(H, B * dh, k + 1), w1_map.transpose(1, 2))  # (H, B*dh, hs)
         hs = hidden.shape[-1]
         act = mixer.activation(hidden).view(H, B, dh, hs)
-        w2 = torch.baddbmm(w2_gen.fc2_biases.unsqueeze(1), g2, w2_gen.fc2_weights.transpose(1, 2))  # (H, B*T, hs)
+        w2 = w2_gen.output(g2)  # (H, B*T, hs)
         out = torch.matmul(w2.view(H, B, T, hs), act.transpose(-1, -2))  # (H, B, T, dh)
         out = out.permute(1, 2, 0, 3).reshape(B, T, d) * keep.unsqueeze(-1)
         return mixer.layer_norm(out), new_sums, seen
