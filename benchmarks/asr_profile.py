@@ -8,7 +8,8 @@ precision), runs real training steps on real batches of the embedded corpus and 
 - wav augment / fbank + normalise / feature augment
 - front-end (strided convolutions), input projection, and per encoder sub-module: feed-forward blocks,
   token mixer, convolution module, layer norms; CTC head; forward and backward timed apart
-- CTC loss, the rest of the backward pass, gradient clipping + optimizer step
+- CTC loss (plus the intermediate CTC loss when the YAML has intermediate_ctc_weight > 0), the rest of the backward
+  pass, gradient clipping + optimizer step
 - per epoch: the steps of one epoch, one validation pass (forward + greedy decoding of the valid set) and
   the checkpoints written (end of epoch and every ``ckpt_interval_minutes``)
 
@@ -167,6 +168,11 @@ def profile_config(name: str, yaml_file: str, overrides: list[str], steps: int, 
     _watch_model(timer, model)
     stage_times = collections.Counter()
     step_times, n_timed = [], 0
+    # intermediate CTC (the recipe's intermediate_ctc_weight): the CTC head also on a middle layer's output
+    inter_weight, tapped = hparams.get("intermediate_ctc_weight", 0.0), []
+    if inter_weight > 0:
+        layer = model.encoder.layers[hparams["intermediate_ctc_layer"] - 1]
+        tap = layer.register_forward_hook(lambda m, i, o: tapped.append(o[0] if isinstance(o, tuple) else o))
     batches = iter(loader)
     for step in range(warmup + steps):
         t0 = time.perf_counter()
@@ -187,14 +193,20 @@ def profile_config(name: str, yaml_file: str, overrides: list[str], steps: int, 
             tb = time.perf_counter()
             feats, lengths = model.features(wavs, wav_lens)
             tc = time.perf_counter()
-            feats = hparams["fea_augment"](feats, lengths.float() / feats.shape[1])
-            feats = feats[0] if isinstance(feats, tuple) else feats
+            if hparams["fea_augment"] is not None:
+                feats = hparams["fea_augment"](feats, lengths.float() / feats.shape[1])
+                feats = feats[0] if isinstance(feats, tuple) else feats
             feats.requires_grad_(True)  # so the front-end's backward hook sees its input gradient
             td = time.perf_counter()
             enc, enc_lens = model.encode(feats, lengths)
             log_probs = model.ctc_log_probs(enc)
+            inter_log_probs = model.ctc_log_probs(tapped.pop()) if tapped else None
             te = time.perf_counter()
-            loss = hparams["ctc_cost"](log_probs, tokens, enc_lens.float() / log_probs.shape[1], token_lens)
+            rel_lens = enc_lens.float() / log_probs.shape[1]
+            loss = hparams["ctc_cost"](log_probs, tokens, rel_lens, token_lens)
+            if inter_log_probs is not None:
+                inter_loss = hparams["ctc_cost"](inter_log_probs, tokens, rel_lens, token_lens)
+                loss = (1 - inter_weight) * loss + inter_weight * inter_loss
             tf = time.perf_counter()
         loss.backward()
         tg = time.perf_counter()
@@ -217,6 +229,8 @@ def profile_config(name: str, yaml_file: str, overrides: list[str], steps: int, 
         stage_times["other forward / backward"] += (te - td) + (tg - tf) - hooked
         step_times.append(th - t0)
     timer.remove()
+    if inter_weight > 0:
+        tap.remove()
     per_step = {stage: stage_times[stage] / n_timed for stage in STAGES}
 
     # validation: forward in fp32 + greedy decoding of the whole valid set (what every epoch does)

@@ -78,8 +78,8 @@ def recipe_env() -> dict[str, str]:
 def asr_recipe_args(
     corpus: dict[str, str], out: Path, epochs: int, *extra: str, yaml: str = "recipes/ASR/hparams/hyperconformer.yaml"
 ) -> list[str]:
-    """recipes/ASR/train.py's arguments for a tiny run on ``corpus`` (one CPU process, fixed batches unless
-    ``extra`` says otherwise)."""
+    """recipes/ASR/train.py's arguments for a tiny run on ``corpus`` (one CPU process, fixed batches, no
+    intermediate CTC: the tiny encoder has one layer; unless ``extra`` says otherwise)."""
     prepare = (
         "--prepare=!name:lobes.data.manifest.manifest_paths "
         f"{{train: {corpus['train']}, valid: {corpus['valid']}, test: {corpus['test']}}}"
@@ -94,9 +94,10 @@ def asr_recipe_args(
         "--batch_size=8",
         "--n_warmup_steps=4",
         "--lr=0.005",
-        f"--preset={TINY_ASR_PRESET}",
+        *([] if any(a.startswith("--preset") for a in extra) else [f"--preset={TINY_ASR_PRESET}"]),
         *([] if any(a.startswith("--cpu_processes") for a in extra) else ["--cpu_processes=1"]),
         *([] if any(a.startswith("--dynamic_batching") for a in extra) else ["--dynamic_batching=False"]),
+        *([] if any(a.startswith("--intermediate_ctc") for a in extra) else ["--intermediate_ctc_weight=0"]),
         *extra,
     ]
 

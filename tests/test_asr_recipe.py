@@ -76,6 +76,31 @@ def test_tiny_training_then_resume_with_a_higher_epoch_limit(corpus, tmp_path):
     assert sorted(_history(out), key=int) == ["1", "2", "3"]
 
 
+def test_intermediate_ctc_trains_and_a_layer_out_of_range_is_refused(corpus, tmp_path):
+    """Intermediate CTC on the first of two layers: the run trains (falling losses) and says what it taps; a
+    layer the encoder does not have is refused before training, naming the valid range."""
+    two_layers = TINY_ASR_PRESET.replace("num_encoder_layers: 1", "num_encoder_layers: 2")
+    out = tmp_path / "inter"
+    run_asr_recipe(
+        _args(corpus, out, 2, f"--preset={two_layers}", "--intermediate_ctc_weight=0.3", "--intermediate_ctc_layer=1")
+    )
+    history = _history(out)
+    assert history["2"]["train_loss"] < history["1"]["train_loss"]
+    assert history["2"]["valid_loss"] < history["1"]["valid_loss"]
+    assert "intermediate CTC: weight 0.3 on the output of encoder layer 1 of 2" in (out / "log.txt").read_text()
+
+    bad = ["--intermediate_ctc_weight=0.3", "--intermediate_ctc_layer=2", f"--preset={two_layers}"]
+    args = _args(corpus, tmp_path / "bad", 1, *bad)
+    proc = subprocess.run(
+        [sys.executable, str(ASR_TRAIN), *args], cwd=ROOT, env=recipe_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode != 0
+    assert "intermediate_ctc_layer must name an encoder layer before the last, 1 to 1 (the encoder has 2" in (
+        proc.stdout + proc.stderr
+    )
+    assert not (tmp_path / "bad" / "history.json").exists()
+
+
 def _children(pid):
     """Process ids of the direct children of ``pid`` (Linux /proc)."""
     found = []
@@ -177,6 +202,7 @@ def test_default_debug_run_from_inside_the_recipe_folder(tmp_path):
         "--debug",
         f"--root={tmp_path}",
         f"--preset={TINY_ASR_PRESET}",
+        "--intermediate_ctc_weight=0",  # the tiny encoder has one layer
         "--noprogressbar",
     ]
     proc = subprocess.run(
@@ -193,7 +219,8 @@ def test_default_debug_run_from_inside_the_recipe_folder(tmp_path):
     assert _test_wer(out)[0] >= 0.0 and sorted(_history(out)) == ["1", "2"]
     saved = load_hyperpyyaml((out / "hyperparams.yaml").read_text())
     assert saved["prepare"].keywords["data_folder"] == str(corpus)
-    assert [type(a).__name__ for a in saved["fea_augment"].augmentations.values()] == ["SpectrogramDrop"] * 2
+    assert saved["wav_augment"] is None and saved["fea_augment"] is None  # off by default (see _base.yaml)
+    assert [type(a).__name__ for a in saved["spec_augment"].augmentations.values()] == ["SpectrogramDrop"] * 2
     assert any(type(m).__name__ == "HyperMixing" for m in saved["model"].modules())
 
 

@@ -72,10 +72,45 @@ class ASR(sb.Brain):
         chunking = chunk_kwargs(self, stage)
         return self.modules.model(wavs, wav_lens, tokens_bos, feature_augment=feature_augment, **chunking)
 
+    def on_fit_start(self):
+        super().on_fit_start()
+        self.intermediate = []  # the tapped layer's output of the current training batch
+        if self.hparams.intermediate_ctc_weight > 0:
+            layers = self.unwrapped_model.encoder.layers
+            index = self.hparams.intermediate_ctc_layer
+            if not 1 <= index < len(layers):
+                raise ValueError(
+                    f"intermediate_ctc_layer must name an encoder layer before the last, 1 to {len(layers) - 1} "
+                    f"(the encoder has {len(layers)} layers); got {index}. intermediate_ctc_weight: 0 trains without "
+                    "intermediate CTC"
+                )
+            layers[index - 1].register_forward_hook(self._keep_intermediate)
+            logger.info(
+                "intermediate CTC: weight %s on the output of encoder layer %d of %d",
+                self.hparams.intermediate_ctc_weight,
+                index,
+                len(layers),
+            )
+
+    def _keep_intermediate(self, layer, inputs, output):
+        if layer.training:
+            self.intermediate = [output[0] if isinstance(output, tuple) else output]  # (B, T', D)
+
+    @property
+    def unwrapped_model(self):
+        """The ASRModel, also when DDP wraps it."""
+        return getattr(self.modules.model, "module", self.modules.model)
+
     def compute_objectives(self, predictions, batch, stage):
         ctc_lp, enc_lens, seq_lp = predictions
         tokens, token_lens = batch.tokens
-        loss = self.hparams.ctc_cost(ctc_lp, tokens, enc_lens.float() / ctc_lp.shape[1], token_lens)
+        rel_lens = enc_lens.float() / ctc_lp.shape[1]
+        loss = self.hparams.ctc_cost(ctc_lp, tokens, rel_lens, token_lens)
+        if stage == sb.Stage.TRAIN and self.hparams.intermediate_ctc_weight > 0:
+            # intermediate CTC (Lee & Watanabe, 2021): the same CTC head on a middle layer's output
+            inter_lp = self.unwrapped_model.ctc_log_probs(self.intermediate.pop())
+            weight = self.hparams.intermediate_ctc_weight
+            loss = (1 - weight) * loss + weight * self.hparams.ctc_cost(inter_lp, tokens, rel_lens, token_lens)
         if seq_lp is not None:
             tokens_eos, eos_lens = batch.tokens_eos
             seq_loss = self.hparams.seq_cost(seq_lp, tokens_eos, length=eos_lens)
