@@ -226,7 +226,7 @@ def test_default_debug_run_from_inside_the_recipe_folder(tmp_path):
 
 @pytest.mark.slow
 def test_main_job_on_the_embedded_corpus(tmp_path):
-    """The full default recipe: synthesize the corpus, train, evaluate on unseen voices (long: ~20 min)."""
+    """The full default recipe: synthesize the corpus, train, evaluate on unseen voices (long: ~10-20 min)."""
     out = tmp_path / "main"
     start = time.time()
     run_asr_recipe(
@@ -238,7 +238,7 @@ def test_main_job_on_the_embedded_corpus(tmp_path):
         f"test WER on unseen voices: {wer:.2f} % (greedy {others['greedy']:.2f} %) in "
         f"{(time.time() - start) / 60:.1f} min"
     )
-    assert wer <= 15.0
+    assert wer <= 10.0 and others["greedy"] <= 30.0
 
 
 def test_test_wer_summary_has_the_new_words_slice_and_out_of_lexicon_figures(tmp_path):
