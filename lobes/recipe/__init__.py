@@ -3,8 +3,8 @@
 - :mod:`lobes.recipe.hparams`: reading a recipe YAML (:func:`load_hparams`): a model file extends a base
   file, relative paths are taken from the repository root, ``--debug`` has its own settings; the resolved
   copy saved in the output folder (:func:`save_hyperparams`) loads back anywhere.
-- :mod:`lobes.recipe.training`: data-parallel facts from speechbrain (:func:`world_size`), CPU workers
-  (:func:`spawn_workers_if_asked`), data preparation on the main process (:func:`prepare_on_main`),
+- :mod:`lobes.recipe.training`: data-parallel facts from speechbrain (:func:`world_size`, :func:`unwrap_ddp`),
+  CPU workers (:func:`spawn_workers_if_asked`), data preparation on the main process (:func:`prepare_on_main`),
   checkpoints that survive ``kill -9`` (:func:`guard_checkpoints`), schedules that need the run's length
   (:func:`set_schedule_length`), per-parameter-group learning rates (:class:`ParamGroupSchedule`) and the
   run's pretrained folder (:func:`write_pretrained`).
@@ -40,6 +40,7 @@ from lobes.recipe.training import (
     resolve_training_precision,
     set_schedule_length,
     spawn_workers_if_asked,
+    unwrap_ddp,
     warmup_cosine_factor,
     world_size,
     write_pretrained,
@@ -62,6 +63,7 @@ __all__ = [
     "save_hyperparams",
     "set_schedule_length",
     "spawn_workers_if_asked",
+    "unwrap_ddp",
     "warmup_cosine_factor",
     "world_size",
     "write_pretrained",

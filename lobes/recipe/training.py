@@ -89,6 +89,18 @@ def world_size() -> int:
     return torch.distributed.get_world_size() if is_distributed_initialized() else 1
 
 
+def unwrap_ddp(module: torch.nn.Module) -> torch.nn.Module:
+    """The module itself, also when ``DistributedDataParallel`` wraps it (speechbrain wraps ``modules`` under DDP).
+
+    Example
+    -------
+    >>> layer = torch.nn.Linear(2, 2)
+    >>> unwrap_ddp(layer) is layer
+    True
+    """
+    return getattr(module, "module", module)
+
+
 def spawn_workers_if_asked(script: str | os.PathLike, argv: list[str], hparams: Mapping, run_opts: dict) -> int | None:
     """Start ``cpu_processes`` DDP workers running ``script`` when a plain ``python`` command on CPU asks for
     more than one (:mod:`lobes.launch`); returns their exit status, or None when this process trains itself.

@@ -45,6 +45,7 @@ from lobes.recipe import (
     save_hyperparams,
     set_schedule_length,
     spawn_workers_if_asked,
+    unwrap_ddp,
     world_size,
     write_pretrained,
 )
@@ -76,7 +77,7 @@ class ASR(sb.Brain):
         super().on_fit_start()
         self.intermediate = []  # the tapped layer's output of the current training batch
         if self.hparams.intermediate_ctc_weight > 0:
-            layers = self.unwrapped_model.encoder.layers
+            layers = unwrap_ddp(self.modules.model).encoder.layers
             index = self.hparams.intermediate_ctc_layer
             if not 1 <= index < len(layers):
                 raise ValueError(
@@ -96,11 +97,6 @@ class ASR(sb.Brain):
         if layer.training:
             self.intermediate = [output[0] if isinstance(output, tuple) else output]  # (B, T', D)
 
-    @property
-    def unwrapped_model(self):
-        """The ASRModel, also when DDP wraps it."""
-        return getattr(self.modules.model, "module", self.modules.model)
-
     def compute_objectives(self, predictions, batch, stage):
         ctc_lp, enc_lens, seq_lp = predictions
         tokens, token_lens = batch.tokens
@@ -108,7 +104,7 @@ class ASR(sb.Brain):
         loss = self.hparams.ctc_cost(ctc_lp, tokens, rel_lens, token_lens)
         if stage == sb.Stage.TRAIN and self.hparams.intermediate_ctc_weight > 0:
             # intermediate CTC (Lee & Watanabe, 2021): the same CTC head on a middle layer's output
-            inter_lp = self.unwrapped_model.ctc_log_probs(self.intermediate.pop())
+            inter_lp = unwrap_ddp(self.modules.model).ctc_log_probs(self.intermediate.pop())
             weight = self.hparams.intermediate_ctc_weight
             loss = (1 - weight) * loss + weight * self.hparams.ctc_cost(inter_lp, tokens, rel_lens, token_lens)
         if seq_lp is not None:

@@ -54,6 +54,7 @@ from lobes.recipe import (
     save_hyperparams,
     set_schedule_length,
     spawn_workers_if_asked,
+    unwrap_ddp,
     world_size,
     write_pretrained,
 )
@@ -155,7 +156,7 @@ def param_groups(modules, lr_head, lr_encoder, layer_decay, freeze_encoder):
     groups = [{"params": head, "base_lr": lr_head, "lr": lr_head, "name": "head"}]
     if freeze_encoder:
         return groups
-    encoder = getattr(modules["encoder"], "module", modules["encoder"])  # unwrap DDP
+    encoder = unwrap_ddp(modules["encoder"])
     by_depth = {}
     for name, p in encoder.named_parameters():
         if not p.requires_grad:

@@ -50,6 +50,7 @@ from lobes.recipe import (
     save_hyperparams,
     set_schedule_length,
     spawn_workers_if_asked,
+    unwrap_ddp,
     world_size,
 )
 
@@ -61,8 +62,7 @@ REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 
 def _task(brain):
     """The pre-training module, unwrapped from DDP."""
-    task = brain.modules.task
-    return getattr(task, "module", task)
+    return unwrap_ddp(brain.modules.task)
 
 
 class Pretrainer(sb.Brain):
