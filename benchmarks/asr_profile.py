@@ -169,9 +169,9 @@ def profile_config(name: str, yaml_file: str, overrides: list[str], steps: int, 
     stage_times = collections.Counter()
     step_times, n_timed = [], 0
     # intermediate CTC (the recipe's intermediate_ctc_weight): the CTC head also on a middle layer's output
-    inter_weight, tapped = hparams.get("intermediate_ctc_weight", 0.0), []
-    if inter_weight > 0:
-        layer = model.encoder.layers[hparams["intermediate_ctc_layer"] - 1]
+    inter_weight, tapped = hparams["intermediate_ctc_weight"], []
+    layer = train.intermediate_ctc_layer(model, inter_weight, hparams["intermediate_ctc_layer"])
+    if layer is not None:
         tap = layer.register_forward_hook(lambda m, i, o: tapped.append(o[0] if isinstance(o, tuple) else o))
     batches = iter(loader)
     for step in range(warmup + steps):
@@ -229,7 +229,7 @@ def profile_config(name: str, yaml_file: str, overrides: list[str], steps: int, 
         stage_times["other forward / backward"] += (te - td) + (tg - tf) - hooked
         step_times.append(th - t0)
     timer.remove()
-    if inter_weight > 0:
+    if layer is not None:
         tap.remove()
     per_step = {stage: stage_times[stage] / n_timed for stage in STAGES}
 

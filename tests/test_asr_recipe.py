@@ -98,7 +98,8 @@ def test_intermediate_ctc_trains_and_a_layer_out_of_range_is_refused(corpus, tmp
     assert "intermediate_ctc_layer must name an encoder layer before the last, 1 to 1 (the encoder has 2" in (
         proc.stdout + proc.stderr
     )
-    assert not (tmp_path / "bad" / "history.json").exists()
+    # refused before any work: only the empty checkpoint folder that loading the YAML makes
+    assert [p.name for p in (tmp_path / "bad").rglob("*")] == ["save"]
 
 
 def _children(pid):

@@ -75,27 +75,22 @@ class ASR(sb.Brain):
 
     def on_fit_start(self):
         super().on_fit_start()
-        self.intermediate = []  # the tapped layer's output of the current training batch
-        if self.hparams.intermediate_ctc_weight > 0:
-            layers = unwrap_ddp(self.modules.model).encoder.layers
-            index = self.hparams.intermediate_ctc_layer
-            if not 1 <= index < len(layers):
-                raise ValueError(
-                    f"intermediate_ctc_layer must name an encoder layer before the last, 1 to {len(layers) - 1} "
-                    f"(the encoder has {len(layers)} layers); got {index}. intermediate_ctc_weight: 0 trains without "
-                    "intermediate CTC"
-                )
-            layers[index - 1].register_forward_hook(self._keep_intermediate)
+        self.intermediate = None  # the tapped layer's output of the current training batch
+        model = unwrap_ddp(self.modules.model)
+        weight, index = self.hparams.intermediate_ctc_weight, self.hparams.intermediate_ctc_layer
+        layer = intermediate_ctc_layer(model, weight, index)
+        if layer is not None:
+            layer.register_forward_hook(self._keep_intermediate)
             logger.info(
                 "intermediate CTC: weight %s on the output of encoder layer %d of %d",
-                self.hparams.intermediate_ctc_weight,
+                weight,
                 index,
-                len(layers),
+                len(model.encoder.layers),
             )
 
     def _keep_intermediate(self, layer, inputs, output):
         if layer.training:
-            self.intermediate = [output[0] if isinstance(output, tuple) else output]  # (B, T', D)
+            self.intermediate = output[0] if isinstance(output, tuple) else output  # (B, T', D)
 
     def compute_objectives(self, predictions, batch, stage):
         ctc_lp, enc_lens, seq_lp = predictions
@@ -104,7 +99,8 @@ class ASR(sb.Brain):
         loss = self.hparams.ctc_cost(ctc_lp, tokens, rel_lens, token_lens)
         if stage == sb.Stage.TRAIN and self.hparams.intermediate_ctc_weight > 0:
             # intermediate CTC (Lee & Watanabe, 2021): the same CTC head on a middle layer's output
-            inter_lp = unwrap_ddp(self.modules.model).ctc_log_probs(self.intermediate.pop())
+            inter_lp = unwrap_ddp(self.modules.model).ctc_log_probs(self.intermediate)
+            self.intermediate = None
             weight = self.hparams.intermediate_ctc_weight
             loss = (1 - weight) * loss + weight * self.hparams.ctc_cost(inter_lp, tokens, rel_lens, token_lens)
         if seq_lp is not None:
@@ -190,6 +186,21 @@ class ASR(sb.Brain):
                 write_test_wers(
                     self.hparams.wer_file, self.hparams.output_folder, sets, getattr(self, "lexicon_words", None)
                 )
+
+
+def intermediate_ctc_layer(model, weight: float, index: int):
+    """The encoder layer of ``model`` whose output intermediate CTC scores (``index`` counted from 1), or None when
+    ``weight`` is 0; a ``ValueError`` when the encoder has no such layer before its last."""
+    if weight <= 0:
+        return None
+    layers = model.encoder.layers
+    if not 1 <= index < len(layers):
+        raise ValueError(
+            f"intermediate_ctc_layer must name an encoder layer before the last, 1 to {len(layers) - 1} "
+            f"(the encoder has {len(layers)} layers); got {index}. intermediate_ctc_weight: 0 trains without "
+            "intermediate CTC"
+        )
+    return layers[index - 1]
 
 
 TEST_WER_NAMES = {"greedy": "greedy", "lexicon": "lexicon-corrected"}
@@ -366,6 +377,10 @@ def main(argv):
     sb.utils.distributed.ddp_init_group(run_opts)  # no-op unless launched with torchrun
     hparams = load_hparams(hparams_file, overrides, debug=run_opts.get("debug", False), root=REPOSITORY_ROOT)
     run_opts = resolve_training_precision(hparams, run_opts)  # fp32 where the CPU only emulates bf16
+    # settings that do not fit the model: refused before any data is prepared
+    if hparams["ctc_weight"] < 1.0 and hparams["model"].decoder is None:
+        raise ValueError("ctc_weight < 1 needs an attention decoder: pick a preset with one or set ctc_weight: 1.0")
+    intermediate_ctc_layer(hparams["model"], hparams["intermediate_ctc_weight"], hparams["intermediate_ctc_layer"])
     status = spawn_workers_if_asked(__file__, argv, hparams, run_opts)  # plain `python train.py` on CPU
     if status is not None:
         sys.exit(status)
@@ -376,8 +391,6 @@ def main(argv):
     prepare_noise(hparams)
 
     tokenizer = build_tokenizer(hparams, manifests["train"])
-    if hparams["ctc_weight"] < 1.0 and hparams["model"].decoder is None:
-        raise ValueError("ctc_weight < 1 needs an attention decoder: pick a preset with one or set ctc_weight: 1.0")
     datasets = dataio_prepare(hparams, manifests, tokenizer)
 
     guard_checkpoints(hparams["checkpointer"])
