@@ -4,7 +4,10 @@
 (chunk 1 = strictly causal, and chunk-causal with a few chunk sizes) against causal multi-head attention
 (``lobes.attention.MultiHeadAttention`` with ``causal`` on, i.e. ``scaled_dot_product_attention(...,
 is_causal=True)``), batch 1, d = 144, 4 heads, hypernetwork 576 (the 8M HyperConformer's layer sizes),
-float32, 2 threads, every measurement in a fresh process (``benchmarks.common.measure``).
+float32, 2 threads, every measurement in a fresh process (``benchmarks.common.measure``). HyperMixing runs
+on its compiled kernels (``lobes/csrc/causal_mixing.c``) where they build; ``LOBES_NATIVE=0`` measures its
+pure-torch kernels instead. The report names the kernels used and the memory floor: the gradients of the input
+and of the parameters, which every candidate's step returns.
 
     python benchmarks/causal_hypermixing.py                        # L = 1k, 4k, 16k
     python benchmarks/causal_hypermixing.py --lengths 1024 --repeats 1
@@ -76,6 +79,18 @@ def setup(name: str, length: int):
     return forward_backward_step(module, call, x)
 
 
+def _kernels_and_memory_floor(length: int) -> tuple[str, float]:
+    """Which kernels the HyperMixing candidates run on here (compiled or torch, and why), and the MiB that the
+    gradients of a ``length``-frame input and of the mixer's parameters take: no mixer that returns them
+    (as every candidate's step does) can peak lower."""
+    from lobes import _native
+    from lobes.hypermixing import ChunkCausalHyperMixing
+
+    _native.library("causal_mixing")
+    params = sum(p.numel() for p in ChunkCausalHyperMixing(D_MODEL, HYPERNET, num_heads=HEADS).parameters())
+    return _native.native_status()["causal_mixing"], (BATCH * length * D_MODEL + params) * 4 / 2**20
+
+
 def run_speed(args: argparse.Namespace) -> dict:
     names = _candidates(tuple(args.chunks))
     results: dict[str, dict[int, dict]] = {n: {} for n in names}
@@ -129,7 +144,14 @@ def run_speed(args: argparse.Namespace) -> dict:
 
     longest = lengths[-1]
     ref = results[REFERENCE][longest]
+    kernels, floor = _kernels_and_memory_floor(longest)
+    print(f"\nHyperMixing token mixing: {kernels}")
     print(f"\nTargets at L={longest}: speedup >= {TARGET_SPEEDUP:g}x, memory <= {TARGET_MEMORY:g}x of {REFERENCE}")
+    if ref["ok"]:
+        print(
+            f"  floor: the gradients of the input and of the parameters alone take {floor:.2f} MiB, "
+            f"{ratio(floor, ref['alloc_peak_mib']):.3f}x of {REFERENCE}'s peak"
+        )
     for name in names[:-1]:
         ours = results[name][longest]
         if ours["ok"] and ref["ok"]:
@@ -149,6 +171,8 @@ def run_speed(args: argparse.Namespace) -> dict:
             "threads": args.threads,
             "lengths": lengths,
             "chunks": list(args.chunks),
+            "kernels": kernels,
+            "gradient_floor_mib": floor,
         },
         "results": {n: {str(k): v for k, v in r.items()} for n, r in results.items()},
         "table": table,

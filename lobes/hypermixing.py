@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lobes import _native
 from lobes.attention import PositionalEncoding
 
 __all__ = ["ParallelMLPs", "HyperNetwork", "HyperMixing", "HyperMixingState", "ChunkCausalHyperMixing"]
@@ -208,6 +209,46 @@ def _causal_core_backward(
     return grad_x.reshape(Z, T, dh), grad_w1.reshape(Z, T, hs), grad_w2.reshape(Z, T, hs), earlier
 
 
+def _native_kernels(x: torch.Tensor):
+    """The compiled chunk-causal kernels (``lobes/csrc/causal_mixing.c``) when they apply to ``x`` (on the CPU,
+    running sums in float32) and could be built, else None (the torch kernels above are used)."""
+    if x.device.type != "cpu" or _accumulation_dtype(x.dtype) != torch.float32:
+        return None
+    return _native.library("causal_mixing")
+
+
+def _native_core(lib, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, start: torch.Tensor, chunk_size: int):
+    """:func:`_causal_core`'s output (Z, T, dh) and the running sum after the block (Z, dh, hs), computed by the
+    compiled kernel without any per-chunk hidden layer in memory, on torch's threads."""
+    Z, T, dh = x.shape
+    x, w1, w2 = x.contiguous(), w1.contiguous(), w2.contiguous()
+    state = start.clone(memory_format=torch.contiguous_format)
+    out = x.new_empty(Z, T, dh)
+    status = lib.lobes_causal_mixing_forward(
+        Z, T, dh, w1.size(-1), chunk_size, torch.get_num_threads(), *(t.data_ptr() for t in (x, w1, w2, state, out))
+    )
+    if status:
+        raise MemoryError("ChunkCausalHyperMixing: the native kernel could not allocate its scratch memory")
+    return out, state
+
+
+def _native_core_backward(lib, x, w1, w2, start, later, grad_out, chunk_size: int):
+    """:func:`_causal_core_backward` by the compiled kernel: gradients of x, w1, w2 and the gradient carried to
+    the block before (``later`` plus this block's; ``later`` is updated in place)."""
+    Z, T, dh = x.shape
+    hs = w1.size(-1)
+    grad_out = grad_out.contiguous()
+    gx, gw1, gw2 = x.new_empty(Z, T, dh), x.new_empty(Z, T, hs), x.new_empty(Z, T, hs)
+    group = max(1, 16 // chunk_size)  # chunks whose running sums are recomputed together (about 16 frames)
+    tensors = (x, w1, w2, start, grad_out, later, gx, gw1, gw2)
+    status = lib.lobes_causal_mixing_backward(
+        Z, T, dh, hs, chunk_size, group, torch.get_num_threads(), *(t.data_ptr() for t in tensors)
+    )
+    if status:
+        raise MemoryError("ChunkCausalHyperMixing: the native kernel could not allocate its scratch memory")
+    return gx, gw1, gw2, later
+
+
 class _ChunkCausalTraining(torch.autograd.Function):
     """Training forward and backward of :class:`ChunkCausalHyperMixing` (``normalize=False``, from the start of
     the sequences), with the token mixing's gradient written out (:func:`_causal_core_backward`).
@@ -218,15 +259,18 @@ class _ChunkCausalTraining(torch.autograd.Function):
     small) and hidden layers, and carries the gradient summed over the later chunks' hidden layers. Compared
     with recomputing each block under autograd, the hidden layers live in ``(dh, hs)`` per chunk (no
     ``(k + 1) -> hs`` map per chunk), the gradient of the input is written once into one ``(B, L, d)``
-    tensor, and autograd keeps no graph of the ``(chunks, dh, hs)`` tensors.
+    tensor, and autograd keeps no graph of the ``(chunks, dh, hs)`` tensors. Where the compiled kernels are
+    built (:func:`_native_kernels`), a block's token mixing and its gradient are one call each
+    (:func:`_native_core`, :func:`_native_core_backward`) that recompute the running sums instead of keeping
+    hidden layers, so blocks are longer (``_native_block_frames``) and the Python work per frame smaller.
     """
 
     @staticmethod
-    def forward(ctx, mixer, chunk_size: int, keep, x, *params):  # params: the mixer's, for their gradients
+    def forward(ctx, mixer, chunk_size: int, lib, keep, x, *params):  # params: the mixer's, for their gradients
         device = x.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        ctx.mixer, ctx.chunk_size, ctx.params = mixer, chunk_size, params
-        blocks = mixer._blocks(x.size(1), chunk_size)
+        ctx.mixer, ctx.chunk_size, ctx.lib, ctx.params = mixer, chunk_size, lib, params
+        blocks = mixer._blocks(x.size(1), chunk_size, native=lib is not None)
         pe = mixer._positions(0, x.size(1), x)
         state = mixer._zero_state(x.size(0), x).sums
         starts, result = [], None
@@ -235,7 +279,7 @@ class _ChunkCausalTraining(torch.autograd.Function):
                 starts.append(state)
                 keep_block = None if keep is None else keep[:, begin:end]
                 piece = mixer._training_piece(x[:, begin:end], keep_block, pe[begin:end])
-                out, state = mixer._causal_block(piece, state, chunk_size)[:2]
+                out, state = mixer._causal_block(piece, state, chunk_size, lib)[:2]
                 out = mixer._finish(out, keep_block, x.dtype, end - begin)
                 if result is None:  # written block by block: no list of pieces joined at the end
                     result = out.new_empty(x.size(0), x.size(1), out.size(-1))
@@ -248,8 +292,8 @@ class _ChunkCausalTraining(torch.autograd.Function):
     def backward(ctx, grad):
         x, keep = ctx.saved_tensors
         mixer, C, params = ctx.mixer, ctx.chunk_size, ctx.params
-        need_x = ctx.needs_input_grad[3]
-        wanted = [p for p, need in zip(params, ctx.needs_input_grad[4:]) if need]
+        need_x = ctx.needs_input_grad[4]
+        wanted = [p for p, need in zip(params, ctx.needs_input_grad[5:]) if need]
         grad_x = torch.zeros_like(x) if need_x else None
         grad_params = {id(p): None for p in wanted}
         device, enabled, dtype = ctx.autocast
@@ -263,7 +307,7 @@ class _ChunkCausalTraining(torch.autograd.Function):
             with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
                 piece = mixer._training_piece(x_block, keep_block, pe[begin:end])
             with torch.no_grad():
-                out, _, saved = mixer._causal_block(piece, start, C)
+                out, _, saved = mixer._causal_block(piece, start, C, ctx.lib)
             mixed = out.detach().requires_grad_()
             with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
                 final = mixer._finish(mixed, keep_block, x.dtype, end - begin)
@@ -281,7 +325,7 @@ class _ChunkCausalTraining(torch.autograd.Function):
                     found = found[1:]
                 for p, g in zip(inputs[1 if need_x else 0 :], found):
                     _accumulate(grad_params, p, g)
-        return (None, None, None, grad_x, *[grad_params.get(id(p)) for p in params])
+        return (None, None, None, None, grad_x, *[grad_params.get(id(p)) for p in params])
 
 
 def _accumulate(grads: dict, p: torch.Tensor, g: Optional[torch.Tensor]) -> None:
@@ -645,19 +689,24 @@ class ChunkCausalHyperMixing(HyperMixing):
     blocks of at most 64 chunks (64 frames for chunk 1, 256 for chunk 4): time and memory grow linearly with
     the length, nothing of size ``L × L`` is allocated and no Python loop runs over frames. In training each
     block is recomputed during the backward pass (activation checkpointing), so the ``(chunks, d, hs)``
-    hidden layers of only one block are alive at a time.
+    hidden layers of only one block are alive at a time (none at all with the compiled kernels, below).
 
     Cost: every chunk has its own ``(d, hs)`` hidden layer, so chunk 1 is the expensive case: ``L · d · hs / H``
     GELU inputs, each evaluated three times in training (forward, and value and slope in the backward pass).
-    Training with chunks smaller than ``_kernel_below_chunk`` (4) runs :class:`_ChunkCausalTraining`, whose
-    backward is written out: it keeps only the input and one running sum per block, and writes the input's
-    gradient once; larger chunks recompute each block under autograd (equally fast there, as measured).
-    Forward + backward at 16384 frames (d = 144, 4 heads, hypernetwork 576, 2 threads, idle 2-core AVX2 machine,
-    ``benchmarks/causal_hypermixing.py``), against causal SDPA attention: chunk 1 5.25 s vs 3.71 s (0.71x
-    its speed; 0.61x before the training kernel), peak memory 14.4 MiB vs 45.3 MiB (0.32x; 0.71x before);
-    chunk 4 1.65 s (2.25x faster), chunk 16 0.56 s (6.66x faster), 0.6-0.7x the memory. Time grows linearly
-    with the length (attention's quadratically), so the ratios grow with it. The gradient of the input alone
-    is ``L · d`` floats, 9.0 MiB here (0.20x attention's peak): no mixer that returns it uses less.
+    Training runs :class:`_ChunkCausalTraining`, whose backward is written out: it keeps only the input and one
+    running sum per block, and writes the input's gradient once. For chunks below ``_native_below_chunk`` (16)
+    frames its token mixing runs in compiled C kernels (``lobes/csrc/causal_mixing.c``, built on first use by
+    :mod:`lobes._native`, on torch's threads) that keep the running sum of a row in the core's cache and never
+    write a per-chunk hidden layer to memory. Without a C compiler, or with ``LOBES_NATIVE=0``, the same
+    computation runs in torch (hidden layers materialised block by block), and chunks from
+    ``_kernel_below_chunk`` (4) frames up recompute each block under autograd instead (as do chunks from 16
+    frames up, where batched products are as fast). Forward + backward at 16384 frames (d = 144, 4 heads,
+    hypernetwork 576, 2 threads, float32, idle 2-core Xeon with AVX-512, ``benchmarks/causal_hypermixing.py``),
+    against causal SDPA attention (2.85 s, 45.3 MiB): chunk 1 0.736 s (3.87x faster; 0.72x with
+    ``LOBES_NATIVE=0``), chunk 4 0.442 s (6.45x), both at 11.5 MiB (0.25x attention's peak); chunk 16 0.467 s
+    (6.11x) at 0.62x. Time grows linearly with the length (attention's quadratically), so the ratios grow with
+    it. The gradients of the input (``L · d`` floats, 9.0 MiB here) and of the parameters (0.2 MiB) alone are
+    0.203x attention's peak: no mixer that returns them uses less.
 
     Running sum or running mean (``normalize``)? The mean keeps the GELU's input at one scale where the sum
     grows with the frames seen. At random initialisation (d = 144, 4 heads, hypernetwork 576, chunk 1) the
@@ -712,8 +761,13 @@ class ChunkCausalHyperMixing(HyperMixing):
     # forward / forward_chunk work on blocks of about this many frames, with at most this many chunks each
     _block_frames = 256
     _block_chunks = 64
-    # training with chunks smaller than this uses _ChunkCausalTraining (see the class docstring)
+    # training blocks of the compiled kernels (lobes/csrc/causal_mixing.c): frames, rounded up to whole chunks
+    _native_block_frames = 1024
+    # training with chunks smaller than this uses _ChunkCausalTraining on the torch kernels (see the class
+    # docstring), and with chunks smaller than _native_below_chunk on the compiled kernels where they are built
+    # (measured, 8 heads, batch 16, 150 frames, bf16 autocast: chunk 8 49 vs 55 ms, chunk 16 48 vs 42 ms)
     _kernel_below_chunk = 4
+    _native_below_chunk = 16
 
     def __init__(
         self,
@@ -879,9 +933,13 @@ class ChunkCausalHyperMixing(HyperMixing):
         return torch.cat([w1_gen.fc2_weights, w1_gen.fc2_biases.unsqueeze(-1)], -1).to(dtype)
 
     # ------------------------------------------------------------------ training kernel (normalize=False)
-    def _blocks(self, L: int, chunk_size: int) -> list[tuple[int, int]]:
-        """(begin, end) of the blocks of an ``L``-frame sequence."""
-        block = self._block_length(chunk_size)
+    def _blocks(self, L: int, chunk_size: int, native: bool = False) -> list[tuple[int, int]]:
+        """(begin, end) of the blocks of an ``L``-frame sequence (longer blocks for the compiled kernels, which
+        keep no per-chunk hidden layer)."""
+        if native:
+            block = chunk_size * max(1, -(-self._native_block_frames // chunk_size))
+        else:
+            block = self._block_length(chunk_size)
         return [(b, min(L, b + block)) for b in range(0, L, block)]
 
     def _training_piece(
@@ -895,8 +953,9 @@ class ChunkCausalHyperMixing(HyperMixing):
         w2 = w1 if self.hyper.tied else self.hyper.w2_gen.output(g2).view(H * B, T, -1)
         return xm.reshape(H * B, T, -1), g1.view(H * B, T, -1), w1, w2
 
-    def _causal_block(self, piece: tuple, sums: torch.Tensor, chunk_size: int):
-        """The mixing of one block by :func:`_causal_core`, from ``sums`` (B, H, dh, k + 1), the state before it.
+    def _causal_block(self, piece: tuple, sums: torch.Tensor, chunk_size: int, lib=None):
+        """The mixing of one block by :func:`_causal_core` (or by the compiled kernels ``lib``, when given), from
+        ``sums`` (B, H, dh, k + 1), the state before it.
 
         Returns the output (H, B, T', dh) (T' >= T: padded to whole sub-blocks), the state after the block and
         what :meth:`_causal_block_backward` needs.
@@ -905,29 +964,39 @@ class ChunkCausalHyperMixing(HyperMixing):
         Z, T, dh = xm.shape
         H = self.num_heads
         B, acc = Z // H, sums.dtype
-        sub = _sub_block(self._block_length(chunk_size), chunk_size)
+        sub = 1 if lib is not None else _sub_block(self._block_length(chunk_size), chunk_size)
         pad = (-T) % sub
         with torch.autocast(xm.device.type, enabled=False):
             sums_z = sums.transpose(0, 1).reshape(Z, dh, -1)  # (Z, dh, k+1)
             w1_map = self._w1_map(acc)
             start = torch.bmm(sums_z.view(H, B * dh, -1), w1_map.transpose(1, 2)).view(Z, dh, -1)  # (Z, dh, hs)
             xa, w1a, w2a = (_pad_time(t.to(acc), pad) for t in (xm, w1, w2))
-            out, hidden, act = _causal_core(xa, w1a, w2a, start, chunk_size, sub)
+            if lib is not None:
+                out = _native_core(lib, xa, w1a, w2a, start, chunk_size)[0]
+                saved = (lib, xa, w1a, w2a, start, T)
+            else:
+                out, hidden, act = _causal_core(xa, w1a, w2a, start, chunk_size, sub)
+                saved = (None, xa, w1a, w2a, hidden, act, sub, T)
             g1e = torch.cat([g1.to(acc), g1.new_ones(Z, T, 1, dtype=acc)], -1)
             sums_z = torch.baddbmm(sums_z, xm.to(acc).transpose(1, 2), g1e)
         new_sums = sums_z.view(H, B, dh, -1).transpose(0, 1).contiguous()
-        return out.view(H, B, T + pad, dh), new_sums, (xa, w1a, w2a, hidden, act, sub, T)
+        return out.view(H, B, T + pad, dh), new_sums, saved
 
     def _causal_block_backward(self, piece: tuple, saved: tuple, grad_out: torch.Tensor, later, chunk_size: int):
         """Gradients of the block's frames, W1 and W2 rows (aligned with ``piece``; None for G1, whose part
         reaches the loss through W1) and the gradient carried to the block before (see
         :func:`_causal_core_backward`)."""
-        xa, w1a, w2a, hidden, act, sub, T = saved
+        lib, xa, w1a, w2a, *rest = saved
         Z, Tp, dh = xa.shape
         if later is None:
             later = xa.new_zeros(Z, dh, w1a.size(-1))
         grad_out = grad_out.reshape(Z, Tp, dh).to(xa.dtype)  # (H, B, T', dh) -> (Z, T', dh)
-        gx, gw1, gw2, later = _causal_core_backward(xa, w1a, w2a, hidden, act, later, grad_out, chunk_size, sub)
+        if lib is not None:
+            start, T = rest
+            gx, gw1, gw2, later = _native_core_backward(lib, xa, w1a, w2a, start, later, grad_out, chunk_size)
+        else:
+            hidden, act, sub, T = rest
+            gx, gw1, gw2, later = _causal_core_backward(xa, w1a, w2a, hidden, act, later, grad_out, chunk_size, sub)
         return [gx[:, :T], None, gw1[:, :T], gw2[:, :T]], later
 
     def _run(
@@ -1023,10 +1092,12 @@ class ChunkCausalHyperMixing(HyperMixing):
             )
         B, L, _ = query.shape
         keep = self._keep(key_padding_mask, B, L, query.dtype, "forward")
-        kernel = C < self._kernel_below_chunk and not self.normalize and L > 0 and torch.is_grad_enabled()
+        lib = _native_kernels(query) if C < self._native_below_chunk else None
+        small = C < self._kernel_below_chunk or lib is not None
+        kernel = small and not self.normalize and L > 0 and torch.is_grad_enabled()
         params = [p for p in self.parameters() if p.requires_grad] if kernel else []
         if kernel and (query.requires_grad or params):
-            out = _ChunkCausalTraining.apply(self, C, keep, query, *params)
+            out = _ChunkCausalTraining.apply(self, C, lib, keep, query, *params)
         else:
             out, _ = self._run(query, keep, 0, self._zero_state(B, query), C)
         return out, out.new_zeros(()).expand(B, L, L)

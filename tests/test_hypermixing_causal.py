@@ -323,6 +323,7 @@ def test_training_kernel_equals_the_checkpointed_path(chunk, tied, fix, blocks):
     mixer._kernel_below_chunk = 10**6  # the kernel for every chunk size
     if blocks is not None:
         mixer._block_frames, mixer._block_chunks = blocks
+        mixer._native_block_frames = blocks[0]  # the compiled kernels' blocks, where they are built
     lengths = [45, 31, 8]
     x = torch.randn(3, 45, D)
     mask = _padding_mask(lengths, 45)
