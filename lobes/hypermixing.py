@@ -237,7 +237,9 @@ def _native_core_backward(lib, x, w1, w2, start, later, grad_out, chunk_size: in
     the block before (``later`` plus this block's; ``later`` is updated in place)."""
     Z, T, dh = x.shape
     hs = w1.size(-1)
-    grad_out = grad_out.contiguous()
+    x, w1, w2, start, grad_out = (t.contiguous() for t in (x, w1, w2, start, grad_out))
+    if not later.is_contiguous():
+        raise ValueError("_native_core_backward: the carried gradient must be contiguous (it is updated in place)")
     gx, gw1, gw2 = x.new_empty(Z, T, dh), x.new_empty(Z, T, hs), x.new_empty(Z, T, hs)
     group = max(1, 16 // chunk_size)  # chunks whose running sums are recomputed together (about 16 frames)
     tensors = (x, w1, w2, start, grad_out, later, gx, gw1, gw2)
@@ -1092,9 +1094,9 @@ class ChunkCausalHyperMixing(HyperMixing):
             )
         B, L, _ = query.shape
         keep = self._keep(key_padding_mask, B, L, query.dtype, "forward")
-        lib = _native_kernels(query) if C < self._native_below_chunk else None
-        small = C < self._kernel_below_chunk or lib is not None
-        kernel = small and not self.normalize and L > 0 and torch.is_grad_enabled()
+        kernel = not self.normalize and L > 0 and torch.is_grad_enabled()
+        lib = _native_kernels(query) if kernel and C < self._native_below_chunk else None
+        kernel = kernel and (C < self._kernel_below_chunk or lib is not None)
         params = [p for p in self.parameters() if p.requires_grad] if kernel else []
         if kernel and (query.requires_grad or params):
             out = _ChunkCausalTraining.apply(self, C, lib, keep, query, *params)
