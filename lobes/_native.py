@@ -195,7 +195,9 @@ def library(name: str) -> Optional[ctypes.CDLL]:
     with _lock:
         if name not in _loaded:
             lib, why = _build(name)
-            if lib is None:  # a deliberate LOBES_NATIVE=0 is only worth an info line
+            if lib is not None:
+                _LOG.info("native %s kernels: %s", name, why)
+            else:  # a deliberate LOBES_NATIVE=0 is only worth an info line
                 level = logging.INFO if why.startswith("disabled") else logging.WARNING
                 _LOG.log(
                     level, "native %s kernels unavailable (%s); the pure-torch path is used, which is slower", name, why

@@ -113,10 +113,12 @@ def test_native_gelu_accuracy():
     assert (err <= torch.maximum(1e-6 * exact.abs(), torch.full_like(exact, 5e-7))).all(), err.max()
 
 
-def test_build_is_cached_and_private(fresh_native):
-    _library()
+def test_build_is_cached_and_private(fresh_native, caplog):
+    with caplog.at_level(logging.INFO, logger="lobes._native"):
+        _library()
     built = list(fresh_native.glob("causal_mixing-*.so"))
     assert len(built) == 1
+    assert f"native causal_mixing kernels: {built[0]}" in caplog.text
     assert (fresh_native.stat().st_mode & 0o777) == 0o700
     stamp = built[0].stat().st_mtime_ns
     _native._reset()
