@@ -103,20 +103,10 @@ static void add_frames(float *restrict S, const float *restrict x, const float *
     }
 }
 
-/* out[t, i] = sum_k w2[t, k] * gelu(S[i, k]) for the frames t0 .. t1 - 1; act: dh * hs floats of scratch */
+/* out[t, i] = sum_k w2[t, k] * gelu(S[i, k]) for the frames t0 .. t1 - 1 of one chunk (chunk 1 has its own
+ * fused loop in the forward); act: dh * hs floats of scratch */
 static void read_out(const float *restrict S, const float *restrict w2, float *restrict out, float *restrict act,
                      long t0, long t1, long dh, long hs) {
-    if (t1 - t0 == 1) { /* one frame: no scratch */
-        const float *wt = w2 + t0 * hs;
-        for (long i = 0; i < dh; ++i) {
-            const float *Si = S + i * hs;
-            float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-            for (long k = 0; k < hs; ++k) sum += wt[k] * gelu(Si[k]);
-            out[t0 * dh + i] = sum;
-        }
-        return;
-    }
 #pragma omp simd
     for (long k = 0; k < dh * hs; ++k) act[k] = gelu(S[k]);
     for (long t = t0; t < t1; ++t) {
