@@ -90,6 +90,62 @@ def test_convolution_module_matches_speechbrain():
     assert (sb(x) - ours(x)).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_convolution_module_gradients_match_speechbrain(causal):
+    """Training path (depthwise convolution with its own gradients) against speechbrain's module: outputs
+    and the gradients of the input and of every parameter."""
+    torch.manual_seed(4)
+    sb = sb_conformer.ConvolutionModule(D, 7, causal=causal)
+    ours = ConvolutionModule(D, 7, causal=causal)
+    ours.load_state_dict(sb.state_dict())
+    x = torch.randn(3, 13, D, requires_grad=True)
+    target = torch.randn(3, 13, D)
+    outs, grads = [], []
+    for module in (sb, ours):
+        out = module(x)
+        grads.append(torch.autograd.grad((out * target).sum(), [x, *module.parameters()]))
+        outs.append(out)
+    assert (outs[0] - outs[1]).abs().max().item() <= TOL
+    names = ["input"] + [name for name, _ in ours.named_parameters()]
+    for name, a, b in zip(names, grads[0], grads[1]):
+        assert (a - b).abs().max().item() <= TOL * max(1.0, a.abs().max().item()), name
+
+
+def test_convolution_module_gradients_ignore_padding():
+    """A padded row's gradients (input and kernel) equal those of the row alone."""
+    torch.manual_seed(6)
+    module = ConvolutionModule(D, 7)
+    x = torch.randn(2, 10, D)
+    x[1, 4:] = 1e3
+    mask = lengths_to_padding_mask(torch.tensor([10, 4]), 10)
+    grads = []
+    for inputs, pad in ((x, mask), (x[1:, :4], None)):
+        inputs = inputs.clone().requires_grad_()
+        out = module(inputs, pad)
+        row = out[-1, :4]
+        g_in, g_kernel = torch.autograd.grad(row.square().sum(), [inputs, module.conv.weight])
+        grads.append((g_in[-1, :4], g_kernel))
+    for a, b in zip(*grads):
+        assert (a - b).abs().max().item() <= TOL * max(1.0, a.abs().max().item())
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_convolution_module_under_bf16_autocast(batch):
+    """The depthwise convolution runs in float32 under autocast (oneDNN's bfloat16 kernel in that layout
+    stalls on a batch of one): bfloat16 accuracy, gradients everywhere, the input's dtype kept."""
+    torch.manual_seed(5)
+    module = ConvolutionModule(D, 15)
+    x = torch.randn(batch, 70, D, requires_grad=True)
+    ref = module(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x)
+    assert (out.float() - ref).abs().max().item() <= 0.05 * ref.abs().max().item()
+    out.float().sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in module.parameters())
+    half = ConvolutionModule(D, 15).to(torch.bfloat16)
+    assert half(x.detach().to(torch.bfloat16)).dtype == torch.bfloat16
+
+
 def test_layer_matches_speechbrain_submodule_by_submodule():
     torch.manual_seed(2)
     sb = sb_conformer.ConformerEncoderLayer(D, FFN, H, kernel_size=5, attention_type="regularMHA").eval()
