@@ -90,7 +90,7 @@ def _mix_chunked(
 # Depthwise convolution over frames, on (B, T, D) tensors
 # --------------------------------------------------------------------------------------------------
 # A (B, T, D) tensor is, without a copy, a channels-last (B, D, 1, T) image, the layout in which oneDNN's
-# depthwise convolution is fast on CPU (about 15x faster than nn.Conv1d on a (B, D, T) tensor for a
+# depthwise convolution is fast on CPU (a forward about 15x faster than nn.Conv1d on a (B, D, T) tensor at a
 # Conformer layer's sizes). autograd's gradient of the kernel in that layout is slow, so the training path
 # computes it as one more depthwise convolution (the inputs convolved with the output gradient).
 
