@@ -7,7 +7,7 @@ holding the same weights (``nn.Conv1d`` on (B, D, T) tensors and autograd), as a
 uses it: d_model 144, kernel 15 (``hparams/hyperconformer_small.yaml``), on a batch of its length-bucketed loader
 (12 utterances of 2.8 s: 70 encoder frames).
 The two sides of a pair run one after the other, round after round, so a machine whose speed drifts slows both;
-the table gives the median of the rounds.
+the table gives the median of the rounds, ``benchmarks/out/conv_module.png`` every round (JSON beside it).
 
     python benchmarks/conv_module.py            # 2 threads, 30 rounds
     python benchmarks/conv_module.py --quick    # smoke test
@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import fmt, print_table, write_json  # noqa: E402
+from benchmarks.common import fmt, plot_lines, print_table, write_json  # noqa: E402
 
 
 def _steps(batch: int, frames: int):
@@ -64,7 +64,7 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     rounds = 3 if args.quick else args.rounds
-    rows = []
+    rows, series = [], {}
     for name, (ours, reference) in _steps(args.batch, args.frames).items():
         times = {"ours": [], "reference": []}
         for fn in (ours, reference, ours, reference):  # warm-up
@@ -76,14 +76,28 @@ def main(argv=None) -> None:
                 times[side].append(time.perf_counter() - start)
         ours_ms = 1e3 * statistics.median(times["ours"])
         ref_ms = 1e3 * statistics.median(times["reference"])
-        rows.append({"module": name, "ours ms": ours_ms, "reference ms": ref_ms, "speed-up": ref_ms / ours_ms})
+        rows.append({"module": name, "ours ms": ours_ms, "speechbrain ms": ref_ms, "speed-up": ref_ms / ours_ms})
+        series[name] = {side: [1e3 * t for t in values] for side, values in times.items()}
     print_table(
         [{k: (fmt(v, ".3g") if isinstance(v, float) else v) for k, v in row.items()} for row in rows],
-        ["module", "ours ms", "reference ms", "speed-up"],
+        ["module", "ours ms", "speechbrain ms", "speed-up"],
     )
     print(f"batch {args.batch} x {args.frames} encoder frames, bf16 autocast, {args.threads} threads, {rounds} rounds")
-    path = write_json("conv_module", {"args": vars(args), "rows": rows})
-    print(f"wrote {path}")
+    path = write_json("conv_module", {"args": vars(args), "rows": rows, "times_ms": series})
+    png = plot_lines(
+        "conv_module",
+        list(range(1, rounds + 1)),
+        {
+            name: {"ours" if side == "ours" else "speechbrain": v for side, v in sides.items()}
+            for name, sides in series.items()
+        },
+        "round (the two sides one after the other)",
+        tuple("ms per training step" for _ in series),
+        tuple(series),
+        f"Conformer convolution module, bf16 autocast, {args.threads} threads, batch {args.batch} x {args.frames}",
+        logy=False,
+    )
+    print(f"wrote {path} and {png}")
 
 
 if __name__ == "__main__":
