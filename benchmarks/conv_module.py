@@ -27,7 +27,7 @@ from benchmarks.common import fmt, plot_lines, print_table, write_json  # noqa: 
 
 
 def _steps(batch: int, frames: int):
-    """name -> (ours, reference): zero-argument training steps."""
+    """(ours, speechbrain's): zero-argument training steps of the two modules on the same input."""
     import torch
     from speechbrain.lobes.models.transformer.Conformer import ConvolutionModule as SBConvolutionModule
 
@@ -39,17 +39,15 @@ def _steps(batch: int, frames: int):
     ours.load_state_dict(reference.state_dict())
     x = torch.randn(batch, frames, 144, requires_grad=True)
 
-    def step(fn):
+    def step(module):
         def run():
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = fn()
+                out = module(x)
             out.float().sum().backward()
 
         return run
 
-    return {
-        "convolution module": (step(lambda: ours(x)), step(lambda: reference(x))),
-    }
+    return step(ours), step(reference)
 
 
 def main(argv=None) -> None:
@@ -64,36 +62,27 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     rounds = 3 if args.quick else args.rounds
-    rows, series = [], {}
-    for name, (ours, reference) in _steps(args.batch, args.frames).items():
-        times = {"ours": [], "reference": []}
-        for fn in (ours, reference, ours, reference):  # warm-up
-            fn()
-        for _ in range(rounds):
-            for side, fn in (("ours", ours), ("reference", reference)):
-                start = time.perf_counter()
-                fn()
-                times[side].append(time.perf_counter() - start)
-        ours_ms = 1e3 * statistics.median(times["ours"])
-        ref_ms = 1e3 * statistics.median(times["reference"])
-        rows.append({"module": name, "ours ms": ours_ms, "speechbrain ms": ref_ms, "speed-up": ref_ms / ours_ms})
-        series[name] = {side: [1e3 * t for t in values] for side, values in times.items()}
-    print_table(
-        [{k: (fmt(v, ".3g") if isinstance(v, float) else v) for k, v in row.items()} for row in rows],
-        ["module", "ours ms", "speechbrain ms", "speed-up"],
-    )
+    sides = dict(zip(("ours", "speechbrain"), _steps(args.batch, args.frames)))
+    for step in (*sides.values(), *sides.values()):  # warm-up
+        step()
+    times_ms = {side: [] for side in sides}
+    for _ in range(rounds):
+        for side, step in sides.items():
+            start = time.perf_counter()
+            step()
+            times_ms[side].append(1e3 * (time.perf_counter() - start))
+    ours_ms, sb_ms = (statistics.median(times_ms[side]) for side in sides)
+    row = {"module": "convolution module", "ours ms": ours_ms, "speechbrain ms": sb_ms, "speed-up": sb_ms / ours_ms}
+    print_table([{k: (fmt(v, ".3g") if isinstance(v, float) else v) for k, v in row.items()}], list(row))
     print(f"batch {args.batch} x {args.frames} encoder frames, bf16 autocast, {args.threads} threads, {rounds} rounds")
-    path = write_json("conv_module", {"args": vars(args), "rows": rows, "times_ms": series})
+    path = write_json("conv_module", {"args": vars(args), "rows": [row], "times_ms": times_ms})
     png = plot_lines(
         "conv_module",
         list(range(1, rounds + 1)),
-        {
-            name: {"ours" if side == "ours" else "speechbrain": v for side, v in sides.items()}
-            for name, sides in series.items()
-        },
+        {"convolution module": times_ms},
         "round (the two sides one after the other)",
-        tuple("ms per training step" for _ in series),
-        tuple(series),
+        ("ms per training step",),
+        ("convolution module",),
         f"Conformer convolution module, bf16 autocast, {args.threads} threads, batch {args.batch} x {args.frames}",
         logy=False,
     )

@@ -100,12 +100,17 @@ def _as_image(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).unsqueeze(2).contiguous(memory_format=torch.channels_last)
 
 
+def _grouped_conv2d(image: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.conv2d`` with one group per channel, in the inputs' dtype even under autocast (float32 here: oneDNN's
+    bfloat16 depthwise kernel in the channels-last layout stalls on a batch of one)."""
+    with torch.autocast(image.device.type, enabled=False):
+        return F.conv2d(image, weight, groups=weight.size(0))
+
+
 def _depthwise_image(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """Valid (unpadded) depthwise convolution of (B, T, D) by (D, K) -> (B, T - K + 1, D)."""
     weight = kernel.reshape(kernel.size(0), 1, 1, kernel.size(1)).contiguous(memory_format=torch.channels_last)
-    # float32 even under autocast: oneDNN's bfloat16 depthwise kernel in this layout stalls on a batch of one
-    with torch.autocast(x.device.type, enabled=False):
-        return F.conv2d(_as_image(x), weight, groups=kernel.size(0))[:, :, 0].transpose(1, 2)
+    return _grouped_conv2d(_as_image(x), weight)[:, :, 0].transpose(1, 2)
 
 
 class _DepthwiseConvTraining(torch.autograd.Function):
@@ -126,11 +131,9 @@ class _DepthwiseConvTraining(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # each padded frame collects the outputs it entered, flipped kernel
             grad_input = _depthwise_image(F.pad(grad, (0, 0, K - 1, K - 1)), kernel.flip(1))
         if ctx.needs_input_grad[1]:  # tap k of channel d: sum over b, t of grad[b, t, d] * padded[b, t + k, d]
-            B, T, D = grad.shape
             frames = padded.permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
             taps = grad.permute(2, 0, 1).unsqueeze(1).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(grad.device.type, enabled=False):
-                grad_kernel = F.conv2d(frames, taps, groups=D)[0, :, 0]  # (D, K)
+            grad_kernel = _grouped_conv2d(frames, taps)[0, :, 0]  # (D, K)
         return grad_input, grad_kernel
 
 
