@@ -132,13 +132,18 @@ def _watch_model(timer: HookTimer, model) -> None:
 
 
 def profile_config(name: str, yaml_file: str, overrides: list[str], steps: int, warmup: int, prepare: bool) -> dict:
+    """The stage times of one configuration; its run folder (tokenizer, checkpoint) is removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="asr_profile_") as out:
+        return _profile_in(out, name, yaml_file, overrides, steps, warmup, prepare)
+
+
+def _profile_in(out: str, name: str, yaml_file: str, overrides: list[str], steps: int, warmup: int, prepare: bool):
     import speechbrain as sb
     import torch
 
     from lobes.recipe import load_hparams, resolve_training_precision
 
     train = _train_module()
-    out = tempfile.mkdtemp(prefix="asr_profile_")
     argv = [yaml_file, f"--output_folder={out}", *overrides]
     hparams_file, run_opts, override_text = sb.parse_arguments(argv)
     hparams = load_hparams(hparams_file, override_text, root=ROOT)
