@@ -265,3 +265,27 @@ def test_test_wer_summary_has_the_new_words_slice_and_out_of_lexicon_figures(tmp
     ]
     for name in ("wer.txt", "wer_greedy.txt", "wer_new_words.txt", "wer_new_words_greedy.txt"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_greedy_words_skip_outputs_beyond_the_tokenizer(tmp_path):
+    """output_neurons may exceed the tokenizer's pieces (a char tokenizer of a small corpus): an output no piece
+    has, likely from a barely trained model, is passed over instead of failing in SentencePiece."""
+    import types
+
+    import torch
+    from speechbrain.tokenizers.SentencePiece import SentencePiece
+
+    text = tmp_path / "train.txt"
+    text.write_text("A CAT\nA DOG\n")
+    sp = SentencePiece(str(tmp_path), 40, annotation_read="wrd", model_type="char", text_file=str(text))
+    pieces = sp.sp.get_piece_size()
+    assert pieces < 40
+    cat = sp.sp.encode_as_ids("CAT")
+    frames = [cat[0], 0, 39, 39, 0] + cat[1:]  # 39: beyond the pieces; 0: blank
+    logits = torch.full((1, len(frames), 40), -10.0)
+    for t, k in enumerate(frames):
+        logits[0, t, k] = 0.0
+    logits[0, 2:4, 0] = -1.0  # the blank is the best of the tokenizer's outputs where 39 wins
+    brain = types.SimpleNamespace(tokenizer=sp, hparams=types.SimpleNamespace(blank_index=0))
+    words = asr_recipe().ASR.greedy_words(brain, torch.log_softmax(logits, -1), torch.tensor([len(frames)]))
+    assert words == [["CAT"]]

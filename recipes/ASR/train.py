@@ -119,12 +119,14 @@ class ASR(sb.Brain):
         return loss
 
     def greedy_words(self, ctc_lp, enc_lens):
-        """Words per utterance from the best CTC path."""
+        """Words per utterance from the best CTC path over the tokenizer's pieces (``output_neurons`` may exceed
+        them: outputs that no training target uses are left out, as the inference interfaces do)."""
         from lobes.asr import ctc_greedy_decode
 
+        pieces = self.tokenizer.sp.get_piece_size()
         return [
             self.tokenizer.sp.decode_ids(h).split()
-            for h in ctc_greedy_decode(ctc_lp, enc_lens, self.hparams.blank_index)
+            for h in ctc_greedy_decode(ctc_lp[..., :pieces], enc_lens, self.hparams.blank_index)
         ]
 
     def search(self, ctc_lp, enc_lens):
@@ -133,7 +135,8 @@ class ASR(sb.Brain):
         if self.test_decoder is not None:
             return self.test_decoder(ctc_lp, enc_lens)
         if self.ctc_beam is not None:
-            hyps = self.ctc_beam(ctc_lp, enc_lens.float() / ctc_lp.shape[1])
+            pieces = self.tokenizer.sp.get_piece_size()  # the searcher's vocabulary: the tokenizer's pieces
+            hyps = self.ctc_beam(ctc_lp[..., :pieces], enc_lens.float() / ctc_lp.shape[1])
             return [h[0].text.split() for h in hyps]
         return self.greedy_words(ctc_lp, enc_lens)
 
