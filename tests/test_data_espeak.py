@@ -179,3 +179,70 @@ def test_synthesize_batch():
         espeak.synthesize_batch([{"text": "yes", "speed": 3}])
     with pytest.raises(ValueError, match="unknown espeak-ng voice 'zz'"):
         espeak.synthesize_batch([{"text": "yes"}, {"text": "no", "voice": "zz"}])
+
+
+def _centroid(wav: np.ndarray, sr: int = 16000) -> float:
+    """Spectral centroid of the 150-5000 Hz band (moves with the formant frequencies)."""
+    spectrum = np.abs(np.fft.rfft(wav)) ** 2
+    freqs = np.fft.rfftfreq(wav.shape[0], 1 / sr)
+    band = (freqs > 150) & (freqs < 5000)
+    return float((spectrum[band] * freqs[band]).sum() / spectrum[band].sum())
+
+
+def test_formant_scales_make_a_new_voice():
+    import os
+
+    # factors of one give the bundled voice, sample for sample (a variant, and a base voice with formants of its own)
+    for voice, variant in (("en-us", "m3"), ("en-029", None), ("en-gb-scotland", "norbert")):
+        bundled = espeak.synthesize(SENTENCE, voice, variant, seed=2)
+        same = espeak.synthesize(SENTENCE, voice, variant, seed=2, formant_scales=[(1, 1.0, 1.0), (2, 1, 1)])
+        assert np.array_equal(bundled, same), (voice, variant)
+    assert np.array_equal(espeak.synthesize("hello", "en-us", formant_scales=[]), espeak.synthesize("hello", "en-us"))
+    # moving the vowel formants moves the spectrum, the words keep their timing
+    vowels = "ah ee oo ah ee oo"
+    centroids = {}
+    for factor in (0.75, 1.0, 1.3):
+        wav = espeak.synthesize(vowels, "en-us", "m1", formant_scales=[(n, factor, 1.0) for n in (1, 2, 3)])
+        centroids[factor] = _centroid(wav)
+        assert abs(wav.shape[0] - espeak.synthesize(vowels, "en-us", "m1").shape[0]) < 0.05 * wav.shape[0]
+    assert centroids[0.75] < 0.92 * centroids[1.0] and centroids[1.3] > 1.08 * centroids[1.0], centroids
+    # a scaled voice is a pure function of the arguments, in a batch or alone
+    scales = [(0, 1.1, 0.8), (4, 0.9, 1.4)]
+    batch = espeak.synthesize_batch(
+        [{"text": "yes"}, {"text": SENTENCE, "voice": "en-us", "variant": "Reed", "seed": 4, "formant_scales": scales}]
+    )
+    assert np.array_equal(batch[0], espeak.synthesize("yes"))
+    assert not np.array_equal(batch[1], espeak.synthesize(SENTENCE, "en-us", "Reed", seed=4))
+    assert np.array_equal(
+        espeak.synthesize_batch([{"text": SENTENCE, "voice": "en-us+Reed", "seed": 4, "formant_scales": scales}])[0],
+        espeak.synthesize(SENTENCE, "en-us", "Reed", seed=4, formant_scales=scales),
+    )
+    # the voice files made for a call are gone after it, and never listed as variants
+    overlay_variants = os.path.join(espeak._overlay_data_path(), "voices", "!v")
+    assert sorted(os.listdir(overlay_variants)) == espeak.list_voice_variants()
+
+
+def _child_overlay(_):
+    return espeak._overlay_data_path()
+
+
+def test_forked_workers_write_their_voices_apart():
+    import multiprocessing
+    import os
+
+    parent = espeak._overlay_data_path()
+    pool = multiprocessing.get_context("fork").Pool(2)
+    children = pool.map(_child_overlay, range(4), chunksize=1)
+    pool.close()
+    pool.join()  # workers that end normally remove their overlays
+    assert parent not in children
+    assert not any(os.path.exists(child) for child in children)
+
+
+@pytest.mark.parametrize(
+    "scales",
+    [[(9, 1.0, 1.0)], [(1, 0.0, 1.0)], [(1, 1.0, -0.5)], [(1, 1.0)], [(1.5, 1.0, 1.0)], 3, [(1, float("nan"), 1)]],
+)
+def test_formant_scales_errors(scales):
+    with pytest.raises(ValueError, match="formant_scales must be a sequence of \\(formant 0-8"):
+        espeak.synthesize("hello", "en-us", formant_scales=scales)

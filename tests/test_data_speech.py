@@ -217,6 +217,24 @@ def test_other_plan_in_same_folder_replaces_the_split(tmp_path):
     assert len(rows) == 3
 
 
+def test_train_formant_jitter_changes_only_the_training_voices(corpus, tmp_path):
+    folder, paths = corpus
+    other = tmp_path / "jitter"
+    jittered = speech.prepare_speech_corpus(str(other), seed=3, num_workers=0, train_formant_jitter=(0.2, 0.3), **SIZES)
+    before, after = _checksums(paths), _checksums(jittered)
+    for key, digest in before.items():
+        assert (after[key] == digest) == (key[0] != "train"), key  # every training wav changes, nothing else
+    rows = {split: load_manifest(path) for split, path in jittered.items()}
+    for split, path in paths.items():
+        assert [r["wrd"] for r in load_manifest(path)] == [r["wrd"] for r in rows[split]]
+        assert [r["spk_id"] for r in load_manifest(path)] == [r["spk_id"] for r in rows[split]]
+    # the same seed gives the same voices again
+    again = speech.prepare_speech_corpus(
+        str(tmp_path / "again"), seed=3, num_workers=0, train_formant_jitter=(0.2, 0.3), **SIZES
+    )
+    assert _checksums(again) == after
+
+
 def test_option_errors(tmp_path):
     with pytest.raises(TypeError, match="unknown options \\['snr'\\]"):
         speech.prepare_speech_corpus(str(tmp_path), 1, 1, 1, snr=3)
@@ -228,6 +246,9 @@ def test_option_errors(tmp_path):
         speech.prepare_speech_corpus(str(tmp_path), -1)
     with pytest.raises(ValueError, match="rate_range"):
         speech.prepare_speech_corpus(str(tmp_path), 1, 1, 1, rate_range=(200, 100))
+    for jitter in ((0.2,), (3.0, 0.1), (-0.1, 0.1), "ab"):
+        with pytest.raises(ValueError, match="train_formant_jitter must be \\(frequency, strength\\)"):
+            speech.prepare_speech_corpus(str(tmp_path), 1, 1, 1, train_formant_jitter=jitter)
 
 
 def test_noise_corpus_works_with_speechbrain_addnoise(tmp_path):

@@ -8,7 +8,9 @@ of the library afresh and seeds its noise generators: the same arguments give th
 
 A voice is a base voice (a language/accent such as ``"en-us"`` or ``"en-gb-scotland"``) optionally
 combined with a variant (``"m3"``, ``"f2"``, ``"klatt"``, named ones such as ``"edward"``), written
-``"en-us+m3"`` by espeak-ng.
+``"en-us+m3"`` by espeak-ng. ``formant_scales`` makes a new voice from one of these on the fly:
+the frequency and strength of chosen formants multiplied (a voice file written to a private
+overlay of espeak-ng's data folder for the call).
 
 Example
 -------
@@ -51,6 +53,8 @@ _INITIALIZE_DONT_EXIT = 0x8000
 _CHARS_UTF8 = 1
 _PARAM_RATE, _PARAM_VOLUME, _PARAM_PITCH, _PARAM_RANGE = 1, 2, 3, 4
 _EE_OK = 0
+_NUM_FORMANTS = 9  # espeak-ng voices define formants 0..8
+_SCALED_VOICE_PREFIX = "lobes-scaled-"  # file names of the voices made by formant_scales
 
 _LOCK = threading.RLock()
 _CALLBACK_TYPE = ctypes.CFUNCTYPE(
@@ -101,6 +105,81 @@ def _data_path() -> str:
     return espeakng_loader.get_data_path()
 
 
+_OVERLAY: tuple[int, str] | None = None  # (process id, folder)
+
+
+def _overlay_data_path() -> str:
+    """This process's overlay of espeak-ng's data folder: links to every file, and a variant folder of
+    its own where :func:`synthesize_batch` writes the voices made with ``formant_scales``. A forked
+    worker makes its own, so that no two processes write voices into one folder."""
+    global _OVERLAY
+    if _OVERLAY is None or _OVERLAY[0] != os.getpid() or not os.path.isdir(_OVERLAY[1]):
+        root = _data_path()
+        folder = tempfile.mkdtemp(prefix="lobes-espeak-data-")
+        for sub in ("", "voices", os.path.join("voices", "!v")):
+            os.makedirs(os.path.join(folder, sub), exist_ok=True)
+            for entry in os.listdir(os.path.join(root, sub)):
+                if os.path.join(sub, entry) not in ("voices", os.path.join("voices", "!v")):
+                    os.symlink(os.path.join(root, sub, entry), os.path.join(folder, sub, entry))
+        multiprocessing.util.Finalize(None, _remove_copy, args=(folder, os.getpid()), exitpriority=10)
+        _OVERLAY = (os.getpid(), folder)
+    return _OVERLAY[1]
+
+
+def _formant_lines(path: str) -> tuple[list[str], dict[int, list[str]]]:
+    """A voice file's lines other than ``formant`` ones, and its formants (number -> values)."""
+    other, formants = [], {}
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            fields = line.split("//")[0].split()
+            if len(fields) >= 5 and fields[0] == "formant" and fields[1].isdigit():
+                formants[int(fields[1])] = fields[2:]
+            else:
+                other.append(line.rstrip("\n"))
+    return other, formants
+
+
+def _scaled_voice_text(base: str, variant: str | None, scales: tuple) -> str:
+    """The variant file of ``base+variant`` with formant frequencies and strengths scaled.
+
+    A formant neither file sets starts from espeak-ng's default (100 % frequency, strength and width);
+    one the base voice sets (``en-029`` lowers formants 1 and 2) starts from the base voice's values,
+    as espeak-ng would otherwise keep them.
+    """
+    root = _data_path()
+    _, formants = _formant_lines(os.path.join(root, "lang", _base_voice_table()[base]))
+    lines = ["language variant", "name lobes-scaled"]
+    if variant is not None:
+        lines, own = _formant_lines(os.path.join(root, "voices", "!v", variant))
+        formants.update(own)
+    for number, frequency, strength in scales:
+        values = list(formants.get(number, ["100", "100", "100"]))
+        values[0] = str(max(1, round(int(values[0]) * frequency)))
+        values[1] = str(max(0, round(int(values[1]) * strength)))
+        formants[number] = values
+    lines += [f"formant {number} {' '.join(formants[number])}" for number in sorted(formants)]
+    return "\n".join(lines) + "\n"
+
+
+def _check_formant_scales(scales) -> tuple:
+    """``formant_scales`` as a tuple of (formant, frequency scale, strength scale), or a clear error."""
+    expected = "a sequence of (formant 0-8, frequency scale > 0, strength scale >= 0), e.g. [(1, 0.9, 1.2)]"
+    checked = []
+    try:
+        items = list(scales)
+        for item in items:
+            number, frequency, strength = item
+            if isinstance(number, bool) or int(number) != number or not 0 <= int(number) < _NUM_FORMANTS:
+                raise ValueError
+            frequency, strength = float(frequency), float(strength)
+            if not (np.isfinite(frequency) and np.isfinite(strength) and frequency > 0 and strength >= 0):
+                raise ValueError
+            checked.append((int(number), frequency, strength))
+    except (TypeError, ValueError):
+        raise ValueError(f"formant_scales must be {expected}; got {scales!r}") from None
+    return tuple(checked)
+
+
 class _Session:
     """One freshly loaded libespeak-ng: load, initialize, use, terminate and unload.
 
@@ -111,7 +190,8 @@ class _Session:
     use) makes every call a function of its arguments only.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, data_path: str | None = None) -> None:
+        data_path = _data_path() if data_path is None else data_path
         lib = ctypes.CDLL(_private_library_path(), mode=ctypes.RTLD_LOCAL)
         lib.espeak_Initialize.restype = ctypes.c_int
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
@@ -131,12 +211,10 @@ class _Session:
         lib.espeak_Synchronize.restype = ctypes.c_int
         lib.espeak_Terminate.restype = ctypes.c_int
         self.lib = lib
-        rate = lib.espeak_Initialize(
-            _AUDIO_OUTPUT_SYNCHRONOUS, 0, _data_path().encode(), _INITIALIZE_DONT_EXIT
-        )
+        rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path.encode(), _INITIALIZE_DONT_EXIT)
         if rate <= 0:
             self.close()
-            raise RuntimeError(f"espeak_Initialize failed (returned {rate}) with data path {_data_path()}")
+            raise RuntimeError(f"espeak_Initialize failed (returned {rate}) with data path {data_path}")
         self.sample_rate = rate
         self._chunks: list[np.ndarray] = []
         # The ctypes callback must stay referenced while the library may call it.
@@ -189,7 +267,13 @@ def _variant_names() -> tuple[str, ...]:
     folder = os.path.join(_data_path(), "voices", "!v")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"espeak-ng variant folder not found: {folder}")
-    return tuple(sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name))))
+    return tuple(
+        sorted(
+            name
+            for name in os.listdir(folder)
+            if os.path.isfile(os.path.join(folder, name)) and not name.startswith(_SCALED_VOICE_PREFIX)
+        )
+    )
 
 
 def _read_voice_file(path: str) -> list[str]:
@@ -291,6 +375,7 @@ def synthesize(
     pitch_range: int = 50,
     sample_rate: int = 16000,
     seed: int = 0,
+    formant_scales=None,
 ) -> np.ndarray:
     """Speak ``text`` with espeak-ng and return the waveform.
 
@@ -314,6 +399,10 @@ def synthesize(
     seed : int
         Seed of espeak-ng's noise generator (breathy and whispering variants use it). The same
         arguments always give the same samples.
+    formant_scales : sequence of (int, float, float), optional
+        A new voice made from ``voice`` and ``variant``: each ``(formant, frequency, strength)``
+        multiplies the frequency and the strength of that formant (0 to 8; 1-3 shape the vowels,
+        4-5 the voice quality) by the two factors. None or empty: the voice as bundled.
 
     Returns
     -------
@@ -327,12 +416,25 @@ def synthesize(
     (True, True)
     """
     return synthesize_batch(
-        [dict(text=text, voice=voice, variant=variant, rate=rate, pitch=pitch, pitch_range=pitch_range, seed=seed)],
+        [
+            dict(
+                text=text,
+                voice=voice,
+                variant=variant,
+                rate=rate,
+                pitch=pitch,
+                pitch_range=pitch_range,
+                seed=seed,
+                formant_scales=formant_scales,
+            )
+        ],
         sample_rate=sample_rate,
     )[0]
 
 
-def _voice_name(text, voice="en-us", variant=None, rate=175, pitch=50, pitch_range=50, seed=0) -> str:
+def _voice_name(
+    text, voice="en-us", variant=None, rate=175, pitch=50, pitch_range=50, seed=0, formant_scales=None
+) -> str:
     """Check one request's arguments; return the espeak voice name (``base`` or ``base+variant``)."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"expected a non-empty text to synthesize, got {text!r}")
@@ -372,7 +474,7 @@ def synthesize_batch(requests: Sequence[Mapping], sample_rate: int = 16000) -> l
     ---------
     requests : sequence of mappings
         Keyword arguments of :func:`synthesize` (``text`` required; ``voice``, ``variant``,
-        ``rate``, ``pitch``, ``pitch_range``, ``seed`` optional).
+        ``rate``, ``pitch``, ``pitch_range``, ``seed``, ``formant_scales`` optional).
     sample_rate : int
         Output sample rate in Hz.
 
@@ -389,22 +491,48 @@ def synthesize_batch(requests: Sequence[Mapping], sample_rate: int = 16000) -> l
     """
     if sample_rate <= 0:
         raise ValueError(f"sample_rate must be positive, got {sample_rate}")
-    allowed = {"text", "voice", "variant", "rate", "pitch", "pitch_range", "seed"}
-    jobs = []
+    allowed = {"text", "voice", "variant", "rate", "pitch", "pitch_range", "seed", "formant_scales"}
+    jobs, voices = [], {}
     for index, request in enumerate(requests):
         unknown = sorted(set(request) - allowed)
         if unknown:
             raise TypeError(f"request {index} has unknown keys {unknown}; expected some of {sorted(allowed)}")
         name = _voice_name(**request)
-        jobs.append((name, request["text"], request.get("rate", 175), request.get("pitch", 50),
-                     request.get("pitch_range", 50), request.get("seed", 0)))
+        scales = request.get("formant_scales")
+        scales = () if scales is None else _check_formant_scales(scales)
+        if scales:
+            base, variant = split_voice(name)
+            voices[index] = _scaled_voice_text(base, variant, scales)
+            name = f"{base}+{_SCALED_VOICE_PREFIX}{index}"
+        jobs.append(
+            (
+                name,
+                request["text"],
+                request.get("rate", 175),
+                request.get("pitch", 50),
+                request.get("pitch_range", 50),
+                request.get("seed", 0),
+            )
+        )
     if not jobs:
         return []
     outputs = []
-    with _LOCK, _Session() as session:
-        for job in jobs:
-            outputs.append(session.synth(*job))
-        native = session.sample_rate
+    with _LOCK:
+        data_path = _overlay_data_path() if voices else None
+        written = []
+        try:
+            for index, text in voices.items():
+                path = os.path.join(data_path, "voices", "!v", split_voice(jobs[index][0])[1])
+                with open(path, "w", encoding="utf-8") as handle:
+                    handle.write(text)
+                written.append(path)
+            with _Session(data_path) as session:
+                for job in jobs:
+                    outputs.append(session.synth(*job))
+                native = session.sample_rate
+        finally:
+            for path in written:
+                os.remove(path)
     waves = []
     for pcm in outputs:
         wav = resample(pcm.astype(np.float32) / 32768.0, native, sample_rate)

@@ -5,6 +5,8 @@ voice (English accent) combined with a voice variant — at a random speaking ra
 range, padded with a little silence, mixed with noise at a random SNR and scaled to a random peak
 level. The splits are disjoint by voice variant: no variant of the test (or valid) set is heard in
 training, so a test voice is never seen in training. No valid or test sentence is a training sentence.
+With ``train_formant_jitter`` every training utterance gets a voice of its own: the formants of its
+drawn voice moved by random factors, so training hears many more voices than the bundled variants.
 The optional ``test_new_words`` split is spoken by the test voices and every sentence of it holds at
 least one noun the grammar never produces, for measuring open-vocabulary decoding.
 
@@ -65,7 +67,9 @@ _DEFAULTS = {
     "max_words": None,
     "num_workers": None,
     "chunk_size": 16,  # utterances per load of the synthesizer (part of the plan)
+    "train_formant_jitter": (0.0, 0.0),  # (frequency, strength): largest |log factor| for formants 0-5
 }
+_JITTERED_FORMANTS = range(6)  # 1-3 shape the vowels, 0 and 4-5 the voice quality
 
 
 def _family(variant: str) -> str:
@@ -138,6 +142,16 @@ def _options(options: dict) -> dict:
         low, high = merged[name]
         if low > high:
             raise ValueError(f"{name} must be (low, high) with low <= high, got {merged[name]}")
+    jitter = merged["train_formant_jitter"]
+    try:
+        ok = len(jitter) == 2 and all(0 <= float(v) < 2 for v in jitter)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            "train_formant_jitter must be (frequency, strength), each the largest |natural-log factor| "
+            f"in [0, 2), e.g. (0.15, 0.3); got {jitter!r}"
+        )
     if merged["peak_dbfs_range"][1] > 0:
         raise ValueError(f"peak_dbfs_range must stay at or below 0 dBFS, got {merged['peak_dbfs_range']}")
     return merged
@@ -198,6 +212,19 @@ def _plan_split(
                 "seed": int(rng.integers(2**31 - 1)),
             }
         )
+    frequency, strength = (float(v) for v in opts["train_formant_jitter"])
+    if split == "train" and (frequency or strength):
+        # a stream of its own, so the rest of the plan (texts, voices, prosody) is the same with or without
+        jitter_rng = np.random.default_rng([seed, _SPLITS.index(split), 2])
+        for item in items:
+            item["formant_scales"] = [
+                [
+                    number,
+                    round(float(np.exp(jitter_rng.uniform(-frequency, frequency))), 4),
+                    round(float(np.exp(jitter_rng.uniform(-strength, strength))), 4),
+                ]
+                for number in _JITTERED_FORMANTS
+            ]
     return items
 
 
@@ -225,6 +252,7 @@ def render_utterances(items: list[dict]) -> list[np.ndarray]:
                 "pitch": item["pitch"],
                 "pitch_range": item["intonation"],
                 "seed": item["seed"],
+                "formant_scales": item.get("formant_scales"),
             }
             for item in items
         ],
@@ -276,7 +304,10 @@ def prepare_speech_corpus(
         ``snr_range`` ((10, 35) dB), ``peak_dbfs_range`` ((-20, -1)), ``pad_range`` ((0, 0.3) s),
         ``max_words`` (None), ``num_workers`` (None: worker processes for large splits),
         ``chunk_size`` (16 utterances share one load of the synthesizer; changing it changes the
-        audio slightly and regenerates the corpus).
+        audio slightly and regenerates the corpus), ``train_formant_jitter`` ((0, 0): training
+        utterances speak with the bundled voices; (f, s): each training utterance scales the
+        frequency of formants 0-5 of its voice by factors drawn log-uniformly in [e^-f, e^f] and
+        their strength in [e^-s, e^s], a voice of its own; valid and test voices are never changed).
 
     Returns
     -------
