@@ -233,6 +233,11 @@ def test_train_formant_jitter_changes_only_the_training_voices(corpus, tmp_path)
         str(tmp_path / "again"), seed=3, num_workers=0, train_formant_jitter=(0.2, 0.3), **SIZES
     )
     assert _checksums(again) == after
+    # switched off in that folder: the training split is synthesized again, valid and test files are kept
+    kept = {row["wav"]: os.stat(row["wav"]).st_mtime_ns for split in ("valid", "test") for row in rows[split]}
+    plain = speech.prepare_speech_corpus(str(other), seed=3, num_workers=0, **SIZES)
+    assert _checksums(plain) == {key: before[key] for key in after}
+    assert kept == {wav: os.stat(wav).st_mtime_ns for wav in kept}
 
 
 def test_option_errors(tmp_path):
