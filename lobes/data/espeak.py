@@ -502,8 +502,9 @@ def synthesize_batch(requests: Sequence[Mapping], sample_rate: int = 16000) -> l
         scales = () if scales is None else _check_formant_scales(scales)
         if scales:
             base, variant = split_voice(name)
-            voices[index] = _scaled_voice_text(base, variant, scales)
-            name = f"{base}+{_SCALED_VOICE_PREFIX}{index}"
+            file_name = f"{_SCALED_VOICE_PREFIX}{index}"
+            voices[file_name] = _scaled_voice_text(base, variant, scales)
+            name = f"{base}+{file_name}"
         jobs.append(
             (
                 name,
@@ -521,8 +522,8 @@ def synthesize_batch(requests: Sequence[Mapping], sample_rate: int = 16000) -> l
         data_path = _overlay_data_path() if voices else None
         written = []
         try:
-            for index, text in voices.items():
-                path = os.path.join(data_path, "voices", "!v", split_voice(jobs[index][0])[1])
+            for file_name, text in voices.items():
+                path = os.path.join(data_path, "voices", "!v", file_name)
                 with open(path, "w", encoding="utf-8") as handle:
                     handle.write(text)
                 written.append(path)
