@@ -246,3 +246,47 @@ def test_forked_workers_write_their_voices_apart():
 def test_formant_scales_errors(scales):
     with pytest.raises(ValueError, match="formant_scales must be a sequence of \\(formant 0-8"):
         espeak.synthesize("hello", "en-us", formant_scales=scales)
+
+
+def _echo_strength(wav: np.ndarray, delay_ms: int, sr: int = 16000) -> float:
+    """Normalized autocorrelation of the waveform at the echo's delay."""
+    lag = delay_ms * sr // 1000
+    return float(np.dot(wav[:-lag], wav[lag:]) / np.dot(wav, wav))
+
+
+def test_echo_makes_a_new_voice():
+    assert espeak.variant_echo("m1") == (0, 0)
+    assert espeak.variant_echo("Alicia") == (40, 50)
+    assert espeak.variant_echo("anikaRobot") == (10, 100)  # the file says 10000; espeak-ng caps it at 100
+    # a variant's own echo given again gives the bundled voice, sample for sample
+    bundled = espeak.synthesize(SENTENCE, "en-us", "anikaRobot", seed=3)
+    assert np.array_equal(bundled, espeak.synthesize(SENTENCE, "en-us", "anikaRobot", seed=3, echo=(10, 100)))
+    # (0, 0) takes the variant's echo away; an echo on a voice without one rings at its delay
+    plain = espeak.synthesize(SENTENCE, "en-us", "anikaRobot", seed=3, echo=(0, 0))
+    assert _echo_strength(plain, 10) < _echo_strength(bundled, 10) - 0.2
+    m3 = espeak.synthesize(SENTENCE, "en-us", "m3")
+    for delay in (10, 40):
+        echoed = espeak.synthesize(SENTENCE, "en-us", "m3", echo=(delay, 100))
+        assert _echo_strength(echoed, delay) > _echo_strength(m3, delay) + 0.2, delay
+    # with formant scales, in a batch or alone, and nothing left behind
+    request = {"text": SENTENCE, "voice": "en-029", "echo": (20, 60), "formant_scales": [(1, 1.1, 1.0)]}
+    alone = espeak.synthesize(SENTENCE, "en-029", echo=(20, 60), formant_scales=[(1, 1.1, 1)])
+    assert np.array_equal(espeak.synthesize_batch([request])[0], alone)
+    batch = espeak.synthesize_batch([{"text": "yes"}, request])
+    assert np.array_equal(batch[0], espeak.synthesize("yes"))
+    assert _echo_strength(batch[1], 20) > _echo_strength(espeak.synthesize(SENTENCE, "en-029"), 20) + 0.2
+    import os
+
+    overlay_variants = os.path.join(espeak._overlay_data_path(), "voices", "!v")
+    assert sorted(os.listdir(overlay_variants)) == espeak.list_voice_variants()
+
+
+@pytest.mark.parametrize("echo", [(10,), (-1, 50), (250, 50), (10, 101), (10.5, 50), "ab", (True, 50), 7])
+def test_echo_errors(echo):
+    with pytest.raises(ValueError, match="echo must be \\(delay in ms, 0-249; amplitude"):
+        espeak.synthesize("hello", "en-us", echo=echo)
+
+
+def test_variant_echo_of_an_unknown_variant():
+    with pytest.raises(ValueError, match="unknown espeak-ng voice variant 'zz9'"):
+        espeak.variant_echo("zz9")

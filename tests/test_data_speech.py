@@ -240,6 +240,32 @@ def test_train_formant_jitter_changes_only_the_training_voices(corpus, tmp_path)
     assert kept == {wav: os.stat(wav).st_mtime_ns for wav in kept}
 
 
+def test_train_echo_share_borrows_the_echo_of_training_variants(corpus, tmp_path):
+    from lobes.data.espeak import variant_echo
+
+    folder, paths = corpus
+    voices = json.loads((folder / "voices.json").read_text())["variants"]
+    opts = speech._options({"train_echo_share": 0.5})
+    train_voices = [None] + voices["train"]
+    items = speech._plan_split("train", 400, str(tmp_path), 3, ["en-us"], train_voices, opts)
+    plain = speech._plan_split("train", 400, str(tmp_path), 3, ["en-us"], train_voices, speech._options({}))
+    echoes = {variant_echo(v) for v in voices["train"]} - {(0, 0)}
+    drawn = [tuple(item["echo"]) for item in items if "echo" in item]
+    assert 150 < len(drawn) < 250 and set(drawn) <= echoes and len(set(drawn)) > 3
+    assert [{k: v for k, v in item.items() if k != "echo"} for item in items] == plain  # the rest of the plan kept
+    # every training utterance with an echo: valid and test audio unchanged, the texts and voices too
+    echoed = speech.prepare_speech_corpus(str(tmp_path / "echo"), seed=3, num_workers=0, train_echo_share=1.0, **SIZES)
+    before, after = _checksums(paths), _checksums(echoed)
+    assert {k: v for k, v in after.items() if k[0] != "train"} == {k: v for k, v in before.items() if k[0] != "train"}
+    assert sum(after[key] != before[key] for key in after if key[0] == "train") >= 8
+    for split, path in paths.items():
+        assert [(r["wrd"], r["spk_id"]) for r in load_manifest(path)] == [
+            (r["wrd"], r["spk_id"]) for r in load_manifest(echoed[split])
+        ]
+    with pytest.raises(ValueError, match="train_echo_share needs a training voice variant with an echo"):
+        speech.prepare_speech_corpus(str(tmp_path / "none"), 2, 1, 1, variants=["m1", "m3", "m4"], train_echo_share=0.5)
+
+
 def test_option_errors(tmp_path):
     with pytest.raises(TypeError, match="unknown options \\['snr'\\]"):
         speech.prepare_speech_corpus(str(tmp_path), 1, 1, 1, snr=3)
@@ -254,6 +280,9 @@ def test_option_errors(tmp_path):
     for jitter in ((0.2,), (3.0, 0.1), (-0.1, 0.1), "ab"):
         with pytest.raises(ValueError, match="train_formant_jitter must be \\(frequency, strength\\)"):
             speech.prepare_speech_corpus(str(tmp_path), 1, 1, 1, train_formant_jitter=jitter)
+    for share in (1.5, -0.1, "a", True, None):
+        with pytest.raises(ValueError, match="train_echo_share must be a number in \\[0, 1\\]"):
+            speech.prepare_speech_corpus(str(tmp_path), 1, 1, 1, train_echo_share=share)
 
 
 def test_noise_corpus_works_with_speechbrain_addnoise(tmp_path):

@@ -282,6 +282,7 @@ def test_debug_uses_a_small_corpus_and_folders_of_its_own(tmp_path, beats_checkp
         "num_test": 8,
         "num_test_new_words": 4,
         "train_formant_jitter": [0.15, 0.3],  # the same voices as the full corpus
+        "train_echo_share": 0.3,
         "seed": 1234,
     }
     assert debug["noise_csv"] == str(tmp_path / "speech_debug" / "noise.csv") and debug["num_noise"] == 4

@@ -8,9 +8,9 @@ of the library afresh and seeds its noise generators: the same arguments give th
 
 A voice is a base voice (a language/accent such as ``"en-us"`` or ``"en-gb-scotland"``) optionally
 combined with a variant (``"m3"``, ``"f2"``, ``"klatt"``, named ones such as ``"edward"``), written
-``"en-us+m3"`` by espeak-ng. ``formant_scales`` makes a new voice from one of these on the fly:
-the frequency and strength of chosen formants multiplied (a voice file written to a private
-overlay of espeak-ng's data folder for the call).
+``"en-us+m3"`` by espeak-ng. ``formant_scales`` and ``echo`` make a new voice from one of these on
+the fly: the frequency and strength of chosen formants multiplied, an echo of its own (a voice file
+written to a private overlay of espeak-ng's data folder for the call).
 
 Example
 -------
@@ -42,6 +42,7 @@ __all__ = [
     "split_voice",
     "synthesize",
     "synthesize_batch",
+    "variant_echo",
 ]
 
 ESPEAK_SAMPLE_RATE = 22050
@@ -54,7 +55,8 @@ _CHARS_UTF8 = 1
 _PARAM_RATE, _PARAM_VOLUME, _PARAM_PITCH, _PARAM_RANGE = 1, 2, 3, 4
 _EE_OK = 0
 _NUM_FORMANTS = 9  # espeak-ng voices define formants 0..8
-_SCALED_VOICE_PREFIX = "lobes-scaled-"  # file names of the voices made by formant_scales
+_MAX_ECHO_DELAY_MS = 249  # espeak-ng's echo ring holds 5500 samples at 22050 Hz
+_SCALED_VOICE_PREFIX = "lobes-scaled-"  # file names of the voices made by formant_scales / echo
 
 _LOCK = threading.RLock()
 _CALLBACK_TYPE = ctypes.CFUNCTYPE(
@@ -139,8 +141,9 @@ def _formant_lines(path: str) -> tuple[list[str], dict[int, list[str]]]:
     return other, formants
 
 
-def _scaled_voice_text(base: str, variant: str | None, scales: tuple) -> str:
-    """The variant file of ``base+variant`` with formant frequencies and strengths scaled.
+def _made_voice_text(base: str, variant: str | None, scales: tuple, echo: tuple | None) -> str:
+    """The variant file of ``base+variant`` with formant frequencies and strengths scaled, and with
+    ``echo`` (delay, amplitude) instead of the variant's own echo when it is not None.
 
     A formant neither file sets starts from espeak-ng's default (100 % frequency, strength and width);
     one the base voice sets (``en-029`` lowers formants 1 and 2) starts from the base voice's values,
@@ -158,7 +161,59 @@ def _scaled_voice_text(base: str, variant: str | None, scales: tuple) -> str:
         values[1] = str(max(0, round(int(values[1]) * strength)))
         formants[number] = values
     lines += [f"formant {number} {' '.join(formants[number])}" for number in sorted(formants)]
+    if echo is not None:
+        lines = [line for line in lines if line.split("//")[0].split()[:1] != ["echo"]]
+        lines.append(f"echo {echo[0]} {echo[1]}")
     return "\n".join(lines) + "\n"
+
+
+def _check_echo(echo) -> tuple[int, int]:
+    """``echo`` as (delay in ms, amplitude), or a clear error."""
+    try:
+        delay, amplitude = echo
+        ok = all(not isinstance(v, bool) and int(v) == v for v in (delay, amplitude))
+        ok = ok and 0 <= delay <= _MAX_ECHO_DELAY_MS and 0 <= amplitude <= 100
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"echo must be (delay in ms, 0-{_MAX_ECHO_DELAY_MS}; amplitude in 256ths of the voice, 0-100), "
+            f"e.g. (10, 100); got {echo!r}"
+        )
+    return int(delay), int(amplitude)
+
+
+@lru_cache(maxsize=None)
+def variant_echo(variant: str) -> tuple[int, int]:
+    """The echo a bundled voice variant sets, as espeak-ng applies it.
+
+    Arguments
+    ---------
+    variant : str
+        One of :func:`list_voice_variants`.
+
+    Returns
+    -------
+    tuple of int
+        ``(delay in ms, amplitude in 256ths of the voice)``; ``(0, 0)`` for a variant without echo.
+        espeak-ng caps the amplitude at 100 (several variants write 10000), and so does this.
+
+    Example
+    -------
+    >>> variant_echo("m1"), variant_echo("anikaRobot")
+    ((0, 0), (10, 100))
+    """
+    if variant not in _variant_names():
+        raise ValueError(f"unknown espeak-ng voice variant {variant!r}; expected one of list_voice_variants()")
+    delay = amplitude = 0
+    with open(os.path.join(_data_path(), "voices", "!v", variant), encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            fields = line.split("//")[0].split()
+            if len(fields) >= 3 and fields[0] == "echo":
+                delay, amplitude = int(fields[1]), int(fields[2])
+    if delay == 0:
+        return 0, 0
+    return min(delay, _MAX_ECHO_DELAY_MS), min(amplitude, 100)
 
 
 def _check_formant_scales(scales) -> tuple:
@@ -376,6 +431,7 @@ def synthesize(
     sample_rate: int = 16000,
     seed: int = 0,
     formant_scales=None,
+    echo=None,
 ) -> np.ndarray:
     """Speak ``text`` with espeak-ng and return the waveform.
 
@@ -403,6 +459,10 @@ def synthesize(
         A new voice made from ``voice`` and ``variant``: each ``(formant, frequency, strength)``
         multiplies the frequency and the strength of that formant (0 to 8; 1-3 shape the vowels,
         4-5 the voice quality) by the two factors. None or empty: the voice as bundled.
+    echo : (int, int), optional
+        The voice's echo instead of its variant's own (see :func:`variant_echo`): delay in ms
+        (0 to 249) and amplitude in 256ths of the voice (0 to 100), fed back as espeak-ng does, so
+        a short delay rings like a comb filter. ``(0, 0)``: no echo. None: the variant's own.
 
     Returns
     -------
@@ -426,6 +486,7 @@ def synthesize(
                 pitch_range=pitch_range,
                 seed=seed,
                 formant_scales=formant_scales,
+                echo=echo,
             )
         ],
         sample_rate=sample_rate,
@@ -433,7 +494,7 @@ def synthesize(
 
 
 def _voice_name(
-    text, voice="en-us", variant=None, rate=175, pitch=50, pitch_range=50, seed=0, formant_scales=None
+    text, voice="en-us", variant=None, rate=175, pitch=50, pitch_range=50, seed=0, formant_scales=None, echo=None
 ) -> str:
     """Check one request's arguments; return the espeak voice name (``base`` or ``base+variant``)."""
     if not isinstance(text, str) or not text.strip():
@@ -474,7 +535,7 @@ def synthesize_batch(requests: Sequence[Mapping], sample_rate: int = 16000) -> l
     ---------
     requests : sequence of mappings
         Keyword arguments of :func:`synthesize` (``text`` required; ``voice``, ``variant``,
-        ``rate``, ``pitch``, ``pitch_range``, ``seed``, ``formant_scales`` optional).
+        ``rate``, ``pitch``, ``pitch_range``, ``seed``, ``formant_scales``, ``echo`` optional).
     sample_rate : int
         Output sample rate in Hz.
 
@@ -491,7 +552,7 @@ def synthesize_batch(requests: Sequence[Mapping], sample_rate: int = 16000) -> l
     """
     if sample_rate <= 0:
         raise ValueError(f"sample_rate must be positive, got {sample_rate}")
-    allowed = {"text", "voice", "variant", "rate", "pitch", "pitch_range", "seed", "formant_scales"}
+    allowed = {"text", "voice", "variant", "rate", "pitch", "pitch_range", "seed", "formant_scales", "echo"}
     jobs, voices = [], {}
     for index, request in enumerate(requests):
         unknown = sorted(set(request) - allowed)
@@ -500,10 +561,12 @@ def synthesize_batch(requests: Sequence[Mapping], sample_rate: int = 16000) -> l
         name = _voice_name(**request)
         scales = request.get("formant_scales")
         scales = () if scales is None else _check_formant_scales(scales)
-        if scales:
+        echo = request.get("echo")
+        echo = None if echo is None else _check_echo(echo)
+        if scales or echo is not None:
             base, variant = split_voice(name)
             file_name = f"{_SCALED_VOICE_PREFIX}{index}"
-            voices[file_name] = _scaled_voice_text(base, variant, scales)
+            voices[file_name] = _made_voice_text(base, variant, scales, echo)
             name = f"{base}+{file_name}"
         jobs.append(
             (

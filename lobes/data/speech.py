@@ -7,6 +7,8 @@ level. The splits are disjoint by voice variant: no variant of the test (or vali
 training, so a test voice is never seen in training. No valid or test sentence is a training sentence.
 With ``train_formant_jitter`` every training utterance gets a voice of its own: the formants of its
 drawn voice moved by random factors, so training hears many more voices than the bundled variants.
+With ``train_echo_share`` a share of the training utterances takes the echo of another training
+variant, so echo and voice are drawn apart.
 The optional ``test_new_words`` split is spoken by the test voices and every sentence of it holds at
 least one noun the grammar never produces, for measuring open-vocabulary decoding.
 
@@ -38,7 +40,7 @@ import numpy as np
 
 from lobes.data.audio import mix_at_snr, scale_to_peak, synthetic_noise
 from lobes.data.corpus import SAMPLE_RATE, build_split, write_if_changed
-from lobes.data.espeak import list_base_voices, list_voice_variants, synthesize_batch
+from lobes.data.espeak import list_base_voices, list_voice_variants, synthesize_batch, variant_echo
 from lobes.data.noise import prepare_noise_corpus
 from lobes.data.text import random_sentence, with_new_words
 
@@ -68,6 +70,7 @@ _DEFAULTS = {
     "num_workers": None,
     "chunk_size": 16,  # utterances per load of the synthesizer (part of the plan)
     "train_formant_jitter": (0.0, 0.0),  # (frequency, strength): largest |log factor| for formants 0-5
+    "train_echo_share": 0.0,  # share of training utterances given the echo of a random training variant
 }
 _JITTERED_FORMANTS = range(6)  # 1-3 shape the vowels, 0 and 4-5 the voice quality
 
@@ -152,6 +155,9 @@ def _options(options: dict) -> dict:
             "train_formant_jitter must be (frequency, strength), each the largest |natural-log factor| "
             f"in [0, 2), e.g. (0.15, 0.3); got {jitter!r}"
         )
+    share = merged["train_echo_share"]
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        raise ValueError(f"train_echo_share must be a number in [0, 1], e.g. 0.3; got {share!r}")
     if merged["peak_dbfs_range"][1] > 0:
         raise ValueError(f"peak_dbfs_range must stay at or below 0 dBFS, got {merged['peak_dbfs_range']}")
     return merged
@@ -225,6 +231,20 @@ def _plan_split(
                 ]
                 for number in _JITTERED_FORMANTS
             ]
+    share = float(opts["train_echo_share"])
+    if split == "train" and share:
+        echoes = [variant_echo(v) for v in variants if v is not None and variant_echo(v) != (0, 0)]
+        if not echoes:
+            named = [v for v in variants if v is not None]
+            raise ValueError(
+                f"train_echo_share needs a training voice variant with an echo; none of {named} has one "
+                "(see lobes.data.espeak.variant_echo)"
+            )
+        echo_rng = np.random.default_rng([seed, _SPLITS.index(split), 3])  # a stream of its own, as above
+        for item in items:
+            taken, which = echo_rng.random() < share, int(echo_rng.integers(len(echoes)))
+            if taken:
+                item["echo"] = list(echoes[which])
     return items
 
 
@@ -253,6 +273,7 @@ def render_utterances(items: list[dict]) -> list[np.ndarray]:
                 "pitch_range": item["intonation"],
                 "seed": item["seed"],
                 "formant_scales": item.get("formant_scales"),
+                "echo": item.get("echo"),
             }
             for item in items
         ],
@@ -307,7 +328,10 @@ def prepare_speech_corpus(
         audio slightly and regenerates the corpus), ``train_formant_jitter`` ((0, 0): training
         utterances speak with the bundled voices; (f, s): each training utterance scales the
         frequency of formants 0-5 of its voice by factors drawn log-uniformly in [e^-f, e^f] and
-        their strength in [e^-s, e^s], a voice of its own; valid and test voices are never changed).
+        their strength in [e^-s, e^s], a voice of its own; valid and test voices are never changed),
+        ``train_echo_share`` (0: each training voice keeps its variant's echo; p: each training
+        utterance, with probability p, takes instead the echo (delay, amplitude) of a training variant
+        drawn at random among those that have one, :func:`lobes.data.espeak.variant_echo`).
 
     Returns
     -------
