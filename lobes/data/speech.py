@@ -33,6 +33,7 @@ Example
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 
@@ -156,7 +157,7 @@ def _options(options: dict) -> dict:
             f"in [0, 2), e.g. (0.15, 0.3); got {jitter!r}"
         )
     share = merged["train_echo_share"]
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+    if isinstance(share, bool) or not isinstance(share, numbers.Real) or not 0 <= share <= 1:
         raise ValueError(f"train_echo_share must be a number in [0, 1], e.g. 0.3; got {share!r}")
     if merged["peak_dbfs_range"][1] > 0:
         raise ValueError(f"peak_dbfs_range must stay at or below 0 dBFS, got {merged['peak_dbfs_range']}")
