@@ -27,13 +27,15 @@ decoding thread's CPU time (1 thread; CPU time, so that other work on the machin
     python benchmarks/ctc_decoders.py ... --limit 30      # a quick look
     python benchmarks/ctc_decoders.py ... --tune data/embedded_speech/valid.csv   # choose the settings
 
-``--tune`` chooses the open decoder's settings on the valid set: its WER there (lexicon and LMs from all the
+``--tune`` chooses the open decoder's settings on the valid set in two steps. First the LM weight and word bonus
+(``--tune-lm-weights`` by ``--tune-word-bonuses``, the spelling settings of the options): the pair with the lowest
+valid WER. Then, with that pair, the spelling settings: its WER there (lexicon and LMs from all the
 training transcripts) and, to see new words, its WER on the valid sentences holding one of 60 training words
 drawn at random (beyond the 100 most frequent) when lexicon and LMs come from the transcripts without them.
 (The acoustic model has heard those words in training, so this overstates what it does on words it never
 heard.) The defaults below are its pick: the lowest WER on the left-out words among the settings whose valid
 WER is at most ``--tune-tolerance`` (0.25) points above the closed decoder's, so that the accuracy on training
-words comes first.
+words comes first (where none is, the one with the lowest valid WER).
 
 Writes ``benchmarks/out/ctc_decoders.json`` and ``ctc_decoders.png``.
 """
@@ -131,6 +133,19 @@ def _wer(pairs) -> float | None:
     return accumulatable_wer_stats(list(refs), list(hyps), collections.Counter())["WER"]
 
 
+def tune_weights(sp, transcripts: list[str], valid: list[dict], grid: list[dict], settings: dict) -> list[dict]:
+    """Valid WER of the open decoder (``settings``: beam, spelling, blank) at each LM weight and word bonus of
+    ``grid``; lexicon and LMs from all the transcripts."""
+    from lobes.decoding import CTCLexiconDecoder
+
+    rows = []
+    for weights in grid:
+        decoder = CTCLexiconDecoder.from_sentencepiece(sp, transcripts, lm_order=3, **{**settings, **weights})
+        rows.append({**weights, "valid": _wer((u["ref"], decoder.decode_one(u["log_probs"])) for u in valid)})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def tune(sp, transcripts: list[str], valid: list[dict], grid: list[dict], project: dict, held_out: int) -> list[dict]:
     """The open decoder's settings on the valid set: WER of its sentences (lexicon and LMs from all the
     transcripts) and of the valid sentences that hold one of ``held_out`` training words drawn at random
@@ -166,18 +181,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lm", help="a word ARPA LM of your own, decoded with too")
     parser.add_argument("--limit", type=int, help="first N utterances of each CSV")
     parser.add_argument("--beam-size", type=int, default=32, help="the project's decoders")
-    parser.add_argument("--lm-weight", type=float, default=1.0, help="the project's decoders (natural-log LM)")
-    parser.add_argument("--word-bonus", type=float, default=2.5)
+    parser.add_argument("--lm-weight", type=float, default=1.4, help="the project's decoders (natural-log LM)")
+    parser.add_argument("--word-bonus", type=float, default=4.0)
     parser.add_argument("--spelling-order", type=int, default=3)
-    parser.add_argument("--unk-score", type=float, default=3.0)
+    parser.add_argument("--unk-score", type=float, default=2.0)
     parser.add_argument("--spelling-weight", type=float, default=0.5)
     parser.add_argument("--fl-beam-size", type=int, default=50, help="flashlight")
-    parser.add_argument("--fl-lm-weight", type=float, default=0.7, help="flashlight lexicon (log10 LM scores)")
-    parser.add_argument("--fl-word-score", type=float, default=1.5, help="flashlight lexicon")
+    parser.add_argument("--fl-lm-weight", type=float, default=1.3, help="flashlight lexicon (log10 LM scores)")
+    parser.add_argument("--fl-word-score", type=float, default=2.5, help="flashlight lexicon")
     parser.add_argument("--fl-free-order", type=int, default=6, help="flashlight lexicon-free token LM (<= 6)")
     parser.add_argument("--fl-free-lm-weight", type=float, default=0.1, help="flashlight lexicon-free")
     parser.add_argument("--name", default="ctc_decoders", help="output file stem under benchmarks/out/")
     parser.add_argument("--tune", metavar="VALID_CSV", help="only choose the open decoder's settings on this set")
+    parser.add_argument("--tune-lm-weights", type=float, nargs="+", default=[0.8, 1.0, 1.2, 1.4, 1.6, 1.8])
+    parser.add_argument("--tune-word-bonuses", type=float, nargs="+", default=[2.0, 2.5, 3.0, 3.5, 4.0])
     parser.add_argument("--tune-spelling-orders", type=int, nargs="+", default=[3, 4])
     parser.add_argument("--tune-unk-scores", type=float, nargs="+", default=[2.0, 3.0, 4.0, 5.0])
     parser.add_argument("--tune-held-out", type=int, default=60, help="training words left out when tuning")
@@ -210,6 +227,15 @@ def main(argv: list[str] | None = None) -> dict:
     project = dict(beam_size=args.beam_size, lm_weight=args.lm_weight, word_bonus=args.word_bonus, blank_index=blank)
     if args.tune:
         valid = _log_probs(transcriber, [args.tune], args.limit)
+        spelling = dict(
+            spelling_order=args.spelling_order, unk_score=args.unk_score, spelling_weight=args.spelling_weight
+        )
+        weight_grid = [{"lm_weight": w, "word_bonus": b} for w in args.tune_lm_weights for b in args.tune_word_bonuses]
+        weight_rows = tune_weights(sp, transcripts, valid, weight_grid, {**project, **spelling})
+        print_table([{k: fmt(v, ".2f") for k, v in r.items()} for r in weight_rows], list(weight_rows[0]))
+        weights = min(weight_rows, key=lambda r: r["valid"])
+        project.update(lm_weight=weights["lm_weight"], word_bonus=weights["word_bonus"])
+        print(f"weights (the lowest valid WER of the open decoder): {weights}")
         grid = [
             {"spelling_order": 0},
             *(
@@ -223,9 +249,22 @@ def main(argv: list[str] | None = None) -> dict:
             [{k: fmt(v, ".2f") if isinstance(v, float) else v for k, v in r.items()} for r in rows], list(rows[-1])
         )
         limit = rows[0]["valid"] + args.tune_tolerance  # rows[0]: the closed decoder
-        pick = min((r for r in rows[1:] if r["valid"] <= limit), key=lambda r: r["valid, words left out"], default=None)
-        print(f"pick (valid WER <= {limit:.2f}, then the lowest WER on the left-out words): {pick}")
-        payload = {"valid": args.tune, "settings": project, "rows": rows, "table": table, "pick": pick}
+        close = [r for r in rows[1:] if r["valid"] <= limit]
+        if close:
+            pick = min(close, key=lambda r: r["valid, words left out"])
+            print(f"pick (valid WER <= {limit:.2f}, then the lowest WER on the left-out words): {pick}")
+        else:
+            pick = min(rows[1:], key=lambda r: (r["valid"], r["valid, words left out"]))
+            print(f"pick (no setting has a valid WER <= {limit:.2f}; the lowest valid WER): {pick}")
+        payload = {
+            "valid": args.tune,
+            "settings": project,
+            "weight_rows": weight_rows,
+            "weights": weights,
+            "rows": rows,
+            "table": table,
+            "pick": pick,
+        }
         print(f"JSON: {write_json(args.name + '_tune', payload)}")
         return {"rows": rows}
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -35,11 +36,14 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "audio_duration",
+    "exclusive_lock",
     "load_audio",
     "read_audio",
     "remove_stale_temporaries",
     "resample_array",
 ]
+
+_LOG = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"
 """Ending of the temporary names :func:`atomic_open` writes (``.<name>.<random>.tmp``)."""
@@ -140,6 +144,42 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
             tmp.unlink()
             removed.append(tmp)
     return removed
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str = "") -> Iterator[None]:
+    """Hold an exclusive advisory lock on the file ``path`` (created if missing) for the ``with`` block.
+
+    Another process asking for the same lock waits until the holder leaves its block or dies (the system
+    releases the lock of a killed process), and logs once that it waits, naming ``what`` (default: the
+    path). Used where two runs may build the same files at once (e.g. two trainings preparing one corpus).
+    Where the system has no ``fcntl`` (Windows) the block runs unlocked.
+
+    Example
+    -------
+    >>> import tempfile, os
+    >>> lock = os.path.join(tempfile.mkdtemp(), ".corpus.lock")
+    >>> with exclusive_lock(lock):
+    ...     os.path.isfile(lock)
+    True
+    """
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks here
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _LOG.info("waiting for another process that holds %s", what or path)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def audio_duration(path: str | os.PathLike) -> float:

@@ -8,7 +8,9 @@ possibly in worker processes, and its wavs are written atomically (:mod:`lobes.i
 manifest is written and, last, a completion marker holding a hash of the plan. A later call with the
 same plan finds the marker and does nothing; a call after an interruption renders only the chunks
 with missing files and ends with the same bytes as an uninterrupted run; a call with a different
-plan (other seed or size) removes the old split's wavs first.
+plan (other seed or size) removes the old split's wavs first. Two processes building the same split (two
+trainings started together on one corpus) take turns: the second waits for the first, then finds the split
+complete.
 
 Example
 -------
@@ -37,13 +39,14 @@ import numpy as np
 
 from lobes.data.audio import read_wav_info, write_wav_atomic
 from lobes.data.manifest import write_manifest
-from lobes.io import atomic_write_text, remove_stale_temporaries
+from lobes.io import atomic_write_text, exclusive_lock, remove_stale_temporaries
 
 __all__ = [
     "SAMPLE_RATE",
     "build_split",
     "default_num_workers",
     "is_complete",
+    "lock_path",
     "marker_path",
     "plan_hash",
     "write_if_changed",
@@ -140,6 +143,12 @@ def marker_path(manifest_path: str) -> str:
     return os.path.join(folder, f".{name}.done")
 
 
+def lock_path(manifest_path: str) -> str:
+    """Lock file of a manifest's build: ``<folder>/.<name>.lock`` (:func:`lobes.io.exclusive_lock`)."""
+    folder, name = os.path.split(os.path.abspath(manifest_path))
+    return os.path.join(folder, f".{name}.lock")
+
+
 def is_complete(manifest_path: str, digest: str) -> bool:
     """Whether ``manifest_path`` was completed for the plan ``digest``."""
     marker = marker_path(manifest_path)
@@ -199,6 +208,27 @@ def build_split(
     ids = [item["ID"] for item in items]
     if len(set(ids)) != len(ids):
         raise ValueError(f"duplicate IDs in the plan of {manifest_path}")
+    # one builder at a time per split: a second run preparing the same corpus waits, then finds it complete
+    with exclusive_lock(lock_path(manifest_path), what=f"the lock of {manifest_path} (building it)"):
+        if is_complete(manifest_path, digest):
+            logger.info("%s was completed by another process", manifest_path)
+            return manifest_path
+        return _build_split_locked(
+            items, render, wav_folder, manifest_path, columns, num_workers, chunk_size, digest, sample_rate
+        )
+
+
+def _build_split_locked(
+    items: Sequence[dict],
+    render: Callable[[list[dict]], list[np.ndarray]],
+    wav_folder: str,
+    manifest_path: str,
+    columns: Sequence[str],
+    num_workers: int | None,
+    chunk_size: int,
+    digest: str,
+    sample_rate: int,
+) -> str:
     _reset_folder(wav_folder, digest)
     marker = marker_path(manifest_path)
     if os.path.exists(marker):
