@@ -225,11 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
     train_words = sorted({w for t in transcripts for w in t.split()})
 
     project = dict(beam_size=args.beam_size, lm_weight=args.lm_weight, word_bonus=args.word_bonus, blank_index=blank)
+    spelling = dict(spelling_order=args.spelling_order, unk_score=args.unk_score, spelling_weight=args.spelling_weight)
     if args.tune:
         valid = _log_probs(transcriber, [args.tune], args.limit)
-        spelling = dict(
-            spelling_order=args.spelling_order, unk_score=args.unk_score, spelling_weight=args.spelling_weight
-        )
         weight_grid = [{"lm_weight": w, "word_bonus": b} for w in args.tune_lm_weights for b in args.tune_word_bonuses]
         weight_rows = tune_weights(sp, transcripts, valid, weight_grid, {**project, **spelling})
         print_table([{k: fmt(v, ".2f") for k, v in r.items()} for r in weight_rows], list(weight_rows[0]))
@@ -273,7 +271,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"CTC log-probabilities of {len(utterances)} utterances: {time.perf_counter() - t0:.1f} s", flush=True)
     num_outputs = utterances[0]["log_probs"].shape[1]
 
-    spelling = dict(spelling_order=args.spelling_order, unk_score=args.unk_score, spelling_weight=args.spelling_weight)
     fl_lexicon = dict(beam_size=args.fl_beam_size, lm_weight=args.fl_lm_weight, word_score=args.fl_word_score)
     fl_free = dict(beam_size=args.fl_beam_size, lm_weight=args.fl_free_lm_weight)
     work = Path(tempfile.mkdtemp(prefix="ctc_decoders_"))

@@ -137,16 +137,19 @@ def write_if_changed(path: str, text: str) -> None:
     atomic_write_text(path, text)
 
 
+def _hidden_beside(manifest_path: str, ending: str) -> str:
+    folder, name = os.path.split(os.path.abspath(manifest_path))
+    return os.path.join(folder, f".{name}{ending}")
+
+
 def marker_path(manifest_path: str) -> str:
     """Completion marker of a manifest: ``<folder>/.<name>.done``."""
-    folder, name = os.path.split(os.path.abspath(manifest_path))
-    return os.path.join(folder, f".{name}.done")
+    return _hidden_beside(manifest_path, ".done")
 
 
 def lock_path(manifest_path: str) -> str:
     """Lock file of a manifest's build: ``<folder>/.<name>.lock`` (:func:`lobes.io.exclusive_lock`)."""
-    folder, name = os.path.split(os.path.abspath(manifest_path))
-    return os.path.join(folder, f".{name}.lock")
+    return _hidden_beside(manifest_path, ".lock")
 
 
 def is_complete(manifest_path: str, digest: str) -> bool:
