@@ -216,57 +216,41 @@ def build_split(
         if is_complete(manifest_path, digest):
             logger.info("%s was completed by another process", manifest_path)
             return manifest_path
-        return _build_split_locked(
-            items, render, wav_folder, manifest_path, columns, num_workers, chunk_size, digest, sample_rate
-        )
+        _reset_folder(wav_folder, digest)
+        marker = marker_path(manifest_path)
+        if os.path.exists(marker):
+            os.remove(marker)
 
+        lengths: dict[str, int] = {}
+        chunks = []
+        for first in range(0, len(items), chunk_size):
+            chunk = list(items[first : first + chunk_size])
+            frames = [_existing_length(item["wav"], sample_rate) for item in chunk]
+            if any(f is None for f in frames):
+                chunks.append(chunk)
+            else:
+                lengths.update((item["ID"], f) for item, f in zip(chunk, frames))
+        if chunks:
+            start = time.time()
+            todo = sum(len(chunk) for chunk in chunks)
+            workers = default_num_workers(todo) if num_workers is None else num_workers
+            workers = min(workers, len(chunks))
+            logger.info("rendering %d of %d files for %s (%d workers)", todo, len(items), manifest_path, workers)
+            if workers <= 0:
+                for chunk in chunks:
+                    lengths.update(_render_chunk(render, chunk, sample_rate))
+            else:
+                with ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context()) as pool:
+                    for result in pool.map(_render_chunk, [render] * len(chunks), chunks, [sample_rate] * len(chunks)):
+                        lengths.update(result)
+            logger.info("rendered %d files in %.1f s", todo, time.time() - start)
 
-def _build_split_locked(
-    items: Sequence[dict],
-    render: Callable[[list[dict]], list[np.ndarray]],
-    wav_folder: str,
-    manifest_path: str,
-    columns: Sequence[str],
-    num_workers: int | None,
-    chunk_size: int,
-    digest: str,
-    sample_rate: int,
-) -> str:
-    _reset_folder(wav_folder, digest)
-    marker = marker_path(manifest_path)
-    if os.path.exists(marker):
-        os.remove(marker)
-
-    lengths: dict[str, int] = {}
-    chunks = []
-    for first in range(0, len(items), chunk_size):
-        chunk = list(items[first : first + chunk_size])
-        frames = [_existing_length(item["wav"], sample_rate) for item in chunk]
-        if any(f is None for f in frames):
-            chunks.append(chunk)
-        else:
-            lengths.update((item["ID"], f) for item, f in zip(chunk, frames))
-    if chunks:
-        start = time.time()
-        todo = sum(len(chunk) for chunk in chunks)
-        workers = default_num_workers(todo) if num_workers is None else num_workers
-        workers = min(workers, len(chunks))
-        logger.info("rendering %d of %d files for %s (%d workers)", todo, len(items), manifest_path, workers)
-        if workers <= 0:
-            for chunk in chunks:
-                lengths.update(_render_chunk(render, chunk, sample_rate))
-        else:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context()) as pool:
-                for result in pool.map(_render_chunk, [render] * len(chunks), chunks, [sample_rate] * len(chunks)):
-                    lengths.update(result)
-        logger.info("rendered %d files in %.1f s", todo, time.time() - start)
-
-    rows = []
-    for item in items:
-        row = {name: item[name] for name in columns if name != "duration"}
-        if "duration" in columns:
-            row["duration"] = lengths[item["ID"]] / sample_rate
-        rows.append(row)
-    write_manifest(manifest_path, rows, columns)
-    atomic_write_text(marker, digest + "\n")
-    return manifest_path
+        rows = []
+        for item in items:
+            row = {name: item[name] for name in columns if name != "duration"}
+            if "duration" in columns:
+                row["duration"] = lengths[item["ID"]] / sample_rate
+            rows.append(row)
+        write_manifest(manifest_path, rows, columns)
+        atomic_write_text(marker, digest + "\n")
+        return manifest_path
